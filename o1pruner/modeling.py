@@ -1,0 +1,313 @@
+"""Loading any causal LM for O1-Pruner training or evaluation, and running its decoder body without logits.
+
+Modes (``load_model(..., mode=...)``):
+
+- ``qlora``: base weights in 4-bit NF4 (double quantisation, bitsandbytes), LoRA adapters on every linear
+  projection (peft ``"all-linear"``, which leaves the lm_head out); lm_head kept unquantised and frozen.
+- ``lora``: the same adapters on a 16/32-bit base.
+- ``full``: every parameter trains (the paper's Marco-o1 run).
+- ``freeze``: only the last ``freeze_last_n_layers`` decoder layers and the final norm train (the paper's
+  QwQ run trained its last 48 layers).
+- ``none``: everything frozen, eval mode (scoring, evaluation).
+
+In ``full``/``freeze`` a model loaded in 16 bit keeps its *trainable* parameters in float32 (master
+weights; bf16 autocast does the compute): an AdamW update of lr 2e-7 would vanish when added to a bf16
+weight. Adapters (``lora``/``qlora``) are float32 as peft creates them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MODES = ("qlora", "lora", "full", "freeze", "none")
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def default_attn_implementation() -> str:
+    """``flash_attention_2`` when flash-attn imports and CUDA is available, else ``sdpa``."""
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _resolve_dtype(torch_dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype is None or torch_dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if torch_dtype not in _DTYPES:
+        raise ValueError(f"torch_dtype={torch_dtype!r}: expected one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[torch_dtype]
+
+
+def _is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    mode: str = "qlora",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_target: str | list[str] = "all-linear",
+    freeze_last_n_layers: int = 0,
+    attn_implementation: str | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    gradient_checkpointing: bool = False,
+):
+    """Load a causal LM (Hub name or local folder; a folder holding a peft adapter loads base + adapter).
+
+    Returns ``(model, tokenizer)``. ``attn_implementation`` None picks ``default_attn_implementation()``;
+    ``torch_dtype`` None picks bf16 on a bf16-capable GPU, else float32; ``device`` None picks cuda if
+    available, else cpu.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _resolve_dtype(torch_dtype, device)
+    attn = attn_implementation or default_attn_implementation()
+
+    adapter_path = None
+    base_path = name_or_path
+    if _is_adapter_dir(name_or_path):
+        adapter_path = name_or_path
+        with open(os.path.join(name_or_path, "adapter_config.json"), encoding="utf-8") as f:
+            base_path = json.load(f)["base_model_name_or_path"]
+        if mode in ("full", "freeze"):
+            raise ValueError(f"{name_or_path} holds a LoRA adapter; load it with mode lora, qlora or none")
+
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn}
+    if mode == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=["lm_head"],
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    if mode != "qlora":
+        model.to(device)
+    tok_path = adapter_path or name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing and mode != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if mode in ("lora", "qlora"):
+        import peft
+
+        if gradient_checkpointing:
+            # Frozen embeddings give checkpointed layers inputs without grad; this keeps the graph alive.
+            model.enable_input_require_grads()
+        if adapter_path:
+            model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+        else:
+            cfg = peft.LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=lora_target,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            model = peft.get_peft_model(model, cfg)
+    elif mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif mode == "freeze":
+        layers = _decoder_layers(model)
+        if not 0 < freeze_last_n_layers <= len(layers):
+            raise ValueError(
+                f"mode='freeze' needs 0 < freeze_last_n_layers <= {len(layers)} (the model's layer count), "
+                f"got {freeze_last_n_layers}"
+            )
+        for layer in list(layers)[-freeze_last_n_layers:]:
+            layer.requires_grad_(True)
+        decoder_of(model).norm.requires_grad_(True)
+    elif mode == "none":
+        if adapter_path:
+            import peft
+
+            model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+        model.eval()
+
+    if mode in ("full", "freeze"):
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    if mode != "none":
+        model.train()
+    lm_head_weight(model).requires_grad_(mode == "full")
+    return model, tokenizer
+
+
+def _unwrap(model):
+    """The transformers ``*ForCausalLM`` under any peft wrapper."""
+    try:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            return model.get_base_model()
+    except ImportError:  # pragma: no cover
+        pass
+    return model
+
+
+def decoder_of(model) -> torch.nn.Module:
+    """The decoder body whose ``last_hidden_state`` (after the final norm) feeds the lm_head."""
+    return _unwrap(model).get_decoder()
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    dec = decoder_of(model)
+    if not hasattr(dec, "layers"):
+        raise ValueError(f"{type(dec).__name__} has no `.layers`; mode='freeze' does not know its layers")
+    return dec.layers
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The output projection weight (V, H), through peft wrappers and tied embeddings; never quantised."""
+    head = _unwrap(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    w = getattr(head, "weight", None)
+    if hasattr(head, "base_layer"):  # a peft-wrapped lm_head (if a user targeted it explicitly)
+        w = head.base_layer.weight
+    if w is None or w.dtype in (torch.uint8, torch.int8) or w.ndim != 2:
+        raise ValueError(
+            f"lm_head weight is quantised or missing ({None if w is None else w.dtype}); "
+            "load with llm_int8_skip_modules=['lm_head']"
+        )
+    return w
+
+
+def last_hidden_states(
+    model,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kw,
+) -> torch.Tensor:
+    """Final-norm hidden states (B, T, H) from the decoder body only: no logits are ever computed.
+
+    Extra ``kw`` (e.g. flash varlen ``cu_seq_lens_q``) go to the decoder's attention layers.
+    """
+    out = decoder_of(model)(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **kw
+    )
+    return out.last_hidden_state
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False) -> None:
+    """Write the model + tokenizer to ``out_dir`` atomically (temp folder, rename) and mark it with ``DONE``.
+
+    A peft model saves its adapter (loadable by ``PeftModel.from_pretrained`` and by ``load_model``) unless
+    ``merge``: then the base is reloaded unquantised on the CPU in the model's 16-bit dtype, the adapter
+    merged into it, and full weights written; the live model is left untouched. Full/freeze models write
+    full weights, trainable float32 masters cast back to the dtype of the rest of the model.
+    """
+    from peft import PeftModel
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        info: dict = {"merged": False, "adapter": False}
+        if isinstance(model, PeftModel):
+            if merge:
+                _save_merged(model, tmp)
+                info["merged"] = True
+            else:
+                model.save_pretrained(tmp)
+                info["adapter"] = True
+        else:
+            target = _config_dtype(model)
+            state = None
+            if any(p.dtype != target for p in model.parameters() if p.is_floating_point()):
+                # float32 masters (full/freeze) go back to the dtype the model was loaded in
+                state, cast = {}, {}
+                for k, v in model.state_dict().items():
+                    if v.is_floating_point():  # tied tensors stay one tensor
+                        v = cast.setdefault(v.data_ptr(), v.to(target))
+                    state[k] = v
+            model.save_pretrained(tmp, state_dict=state)
+            if state is not None:  # save_pretrained records the masters' float32 as the config dtype
+                cfg_path = tmp / "config.json"
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+                cfg["dtype"] = str(target).removeprefix("torch.")
+                cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "DONE").write_text(json.dumps(info) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _config_dtype(model) -> torch.dtype:
+    """The dtype the model was loaded in (``config.dtype``), float32 when unknown."""
+    dtype = getattr(_unwrap(model).config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype, getattr(torch, dtype, None))
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _save_merged(model, out: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_name = model.peft_config[model.active_adapter].base_model_name_or_path
+    dtype = _config_dtype(model)
+    with tempfile.TemporaryDirectory(dir=out.parent) as adapter_dir:
+        model.save_pretrained(adapter_dir)
+        base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype, device_map={"": "cpu"})
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(out)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` onto ``dst``; an existing ``dst`` is moved aside first and deleted afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

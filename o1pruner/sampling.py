@@ -1,0 +1,600 @@
+"""Pre-sampling: K solutions per training problem from the reference model, graded and appended to a log.
+
+Two backends share one interface:
+
+- ``"hf"``: transformers ``generate`` (left-padded batches, KV cache, bf16 on a GPU). Always available.
+- ``"vllm"``: vLLM's offline ``LLM`` (optional extra ``o1pruner[vllm]``), far faster for long samples.
+
+``sample_problems`` is crash-safe: it appends each finished batch to ``samples.jsonl`` with one fsync and,
+when started again, skips every (problem_id, sample_index) already in the file, so a run killed at any moment
+loses at most the batch in flight and never duplicates a sample.
+
+Sampling knobs follow the paper (temperature 0.5, top_p 0.8, no top-k, no repetition penalty), whatever the
+model's ``generation_config.json`` says: the hf backend sets ``top_k=0`` and ``repetition_penalty=1.0``
+explicitly (transformers would otherwise fall back to the checkpoint's values or to its global default
+``top_k=50``), which matches vLLM, where explicit ``SamplingParams`` ignore the checkpoint's defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from o1pruner.grading import is_correct
+from o1pruner.io import DataError, append_jsonl, read_jsonl
+from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT, encode_prompt
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "vllm")
+FINISH_REASONS = ("stop", "length")
+SAMPLE_KEYS = ("problem_id", "sample_index", "text", "token_ids", "num_tokens", "finish_reason", "correct")
+
+
+@dataclass
+class SamplingConfig:
+    """How pre-samples (and greedy evaluation answers, with ``temperature=0``, ``k=1``) are drawn.
+
+    ``batch_size``: sequences per ``generate`` call for ``hf``; problems per engine call for ``vllm``.
+    ``seed``: batch ``b`` of the hf backend runs under ``torch.manual_seed(seed + b)``; request ``j`` of the
+    vllm backend under ``SamplingParams(seed=seed + j)``. A resumed run with the same config therefore
+    redraws the lost batch exactly (up to kernel nondeterminism on a GPU).
+    """
+
+    k: int = 16
+    temperature: float = 0.5
+    top_p: float = 0.8
+    max_new_tokens: int = 8192
+    seed: int = 0
+    backend: str = "hf"
+    batch_size: int = 64
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    gpu_memory_utilization: float = 0.85
+    quantization: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field with a bad value."""
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(
+                f"SamplingConfig.k must be an integer >= 1 (samples per problem), got {self.k!r}"
+            )
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingConfig.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
+            )
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"SamplingConfig.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"SamplingConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"SamplingConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+
+
+@dataclass
+class Generation:
+    """One generated response.
+
+    ``token_ids``: generated ids only (no prompt), cut before the first EOS, which is not included.
+    ``finish_reason``: ``"stop"`` when the model emitted an EOS id, ``"length"`` when it hit the token limit.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids that end a response: ``generation_config.eos_token_id`` (int or list) plus the tokenizer's."""
+    ids: list[int] = []
+    gen_cfg = getattr(model, "generation_config", None)
+    if gen_cfg is not None:
+        ids += _as_id_list(getattr(gen_cfg, "eos_token_id", None))
+    ids += _as_id_list(getattr(tokenizer, "eos_token_id", None))
+    return list(dict.fromkeys(ids))
+
+
+def cut_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> tuple[list[int], str]:
+    """Cut generated ids before the first EOS id; returns (ids, finish_reason).
+
+    Everything after the first EOS (padding of a finished row in a batch) is dropped. A row without EOS ran
+    into the token limit; its ids are kept whole (a pad id inside it was a real generated token).
+    """
+    eos = set(eos_ids)
+    ids = [int(t) for t in ids]
+    for pos, tok in enumerate(ids):
+        if tok in eos:
+            return ids[:pos], "stop"
+    return ids, "length"
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _is_path(obj: Any) -> bool:
+    return isinstance(obj, (str, os.PathLike))
+
+
+def _load_hf(path: str | os.PathLike, tokenizer: Any) -> tuple[Any, Any]:
+    """Load a frozen model (and tokenizer when not given) for generation."""
+    try:
+        from o1pruner.modeling import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        model, tok = load_model(str(path), mode="none")
+    else:  # pragma: no cover - modeling.py always exists in a full install
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        on_gpu = torch.cuda.is_available()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.bfloat16 if on_gpu else torch.float32
+        )
+        model.to("cuda" if on_gpu else "cpu")
+        tok = AutoTokenizer.from_pretrained(str(path))
+    model.eval()
+    return model, tokenizer if tokenizer is not None else tok
+
+
+def _model_device(model: Any):
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------ hf backend
+
+
+def _pad_id(model: Any, tokenizer: Any, eos_ids: list[int]) -> int:
+    for value in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+    ):
+        if value is not None:
+            return int(value)
+    if eos_ids:
+        return eos_ids[0]
+    raise ValueError("cannot batch prompts: the tokenizer has no pad_token_id and the model no eos_token_id")
+
+
+def _hf_generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    seed: int,
+    eos_ids: list[int],
+    pad_id: int,
+) -> list[Generation]:
+    """Generate one sequence per prompt in a single left-padded ``generate`` call."""
+    import torch
+
+    device = _model_device(model)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+    greedy = config.temperature == 0
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": config.max_new_tokens,
+        "do_sample": not greedy,
+        "num_return_sequences": 1,
+        "use_cache": True,
+        "eos_token_id": eos_ids or None,
+        "pad_token_id": pad_id,
+        "repetition_penalty": 1.0,
+    }
+    if not greedy:
+        kwargs.update(temperature=float(config.temperature), top_p=float(config.top_p), top_k=0)
+    torch.manual_seed(seed)
+    # eval mode for the call: the pipeline may hand over the model in its training mode (dropout on,
+    # gradient checkpointing, which would switch the KV cache off)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+            )
+    finally:
+        model.train(was_training)
+    new_tokens = out[:, width:].tolist()
+    gens = []
+    for row in new_tokens:
+        ids, reason = cut_at_eos(row, eos_ids)
+        gens.append(Generation(token_ids=ids, text=_decode(tokenizer, ids), finish_reason=reason))
+    return gens
+
+
+def _hf_generate(
+    model: Any, tokenizer: Any, prompts_ids: list[list[int]], n: int, config: SamplingConfig, seed_offset: int
+) -> list[list[Generation]]:
+    eos_ids = stop_token_ids(model, tokenizer)
+    pad_id = _pad_id(model, tokenizer, eos_ids)
+    # n copies of each prompt, longest first: rows of a batch have similar lengths (little padding) and an
+    # out-of-memory error shows up in the first batch rather than at the end.
+    rows = [(i, j) for i in range(len(prompts_ids)) for j in range(n)]
+    rows.sort(key=lambda r: -len(prompts_ids[r[0]]))
+    results: list[list[Generation | None]] = [[None] * n for _ in prompts_ids]
+    for b, start in enumerate(range(0, len(rows), config.batch_size)):
+        chunk = rows[start : start + config.batch_size]
+        gens = _hf_generate_batch(
+            model,
+            tokenizer,
+            [list(prompts_ids[i]) for i, _ in chunk],
+            config,
+            config.seed + seed_offset + b,
+            eos_ids,
+            pad_id,
+        )
+        for (i, j), gen in zip(chunk, gens):
+            results[i][j] = gen
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------- vLLM backend
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            "the 'vllm' sampling backend needs vLLM: pip install 'o1pruner[vllm]' (or use backend='hf')"
+        ) from e
+    return vllm
+
+
+def make_vllm_engine(path: str | os.PathLike, config: SamplingConfig):
+    """Start a vLLM offline engine on a model folder or Hub name (bf16, prefix caching on)."""
+    vllm = _import_vllm()
+    return vllm.LLM(
+        model=str(path),
+        dtype="bfloat16",
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        seed=config.seed,
+        quantization=config.quantization,
+        enable_prefix_caching=True,
+    )
+
+
+class _EngineHolder:
+    """Owns the only reference to an engine, so that releasing it can really drop it before cleanup."""
+
+    def __init__(self, llm: Any, owned: bool) -> None:
+        self.llm = llm
+        self.owned = owned
+
+
+def release_vllm_engine(engine: Any) -> None:
+    """Shut a vLLM engine down and free its GPU memory, so training can start in this process.
+
+    ``engine``: a ``vllm.LLM`` (drop your own references to it too) or an internal holder. The engine-core
+    process is shut down (``LLM.shutdown`` or ``llm_engine.engine_core.shutdown``, whichever this vLLM has),
+    then the distributed state is destroyed (``cleanup_dist_env_and_memory``) and the CUDA cache emptied.
+    """
+    if isinstance(engine, _EngineHolder):
+        llm, engine.llm = engine.llm, None
+    else:
+        llm = engine
+    engine = None
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    for owner in (llm, getattr(llm, "llm_engine", None), core):
+        fn = getattr(owner, "shutdown", None) if owner is not None else None
+        if callable(fn):
+            try:
+                fn()
+                break
+            except Exception as e:  # the next, lower-level shutdown may still work
+                logger.debug("vLLM %s.shutdown() failed: %s", type(owner).__name__, e)
+    owner = fn = None
+    del llm, core, owner, fn
+    gc.collect()
+    cleanup = None
+    with contextlib.suppress(Exception):
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory as cleanup
+    if cleanup is not None:
+        with contextlib.suppress(Exception):
+            cleanup()
+    else:
+        with contextlib.suppress(Exception):
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _vllm_engine(model_or_path: Any, config: SamplingConfig) -> Iterator[_EngineHolder]:
+    """Yield a holder of an engine: the given ``vllm.LLM`` as is (not released), or a new one started on a
+    path and released on exit."""
+    if not _is_path(model_or_path):
+        if isinstance(model_or_path, _import_vllm().LLM):
+            yield _EngineHolder(model_or_path, owned=False)
+            return
+        raise ValueError(
+            "the 'vllm' backend needs a model folder or Hub name (or a vllm.LLM), not a loaded "
+            f"{type(model_or_path).__name__}; save the model first or use backend='hf'"
+        )
+    holder = _EngineHolder(make_vllm_engine(model_or_path, config), owned=True)
+    try:
+        yield holder
+    finally:
+        release_vllm_engine(holder)
+
+
+def _vllm_generate_requests(
+    llm: Any, tokenizer: Any, requests: list[tuple[list[int], int]], config: SamplingConfig
+) -> list[Generation]:
+    """One sequence per (prompt ids, seed) request; returns Generations in request order."""
+    vllm = _import_vllm()
+    greedy = config.temperature == 0
+    params = [
+        vllm.SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else float(config.temperature),
+            top_p=1.0 if greedy else float(config.top_p),
+            max_tokens=config.max_new_tokens,
+            seed=seed,
+        )
+        for _, seed in requests
+    ]
+    prompts = [{"prompt_token_ids": list(ids)} for ids, _ in requests]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    eos_ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
+    with contextlib.suppress(Exception):
+        eos_ids += _as_id_list(getattr(llm.llm_engine.model_config.hf_config, "eos_token_id", None))
+    gens = []
+    for out in outputs:
+        completion = out.outputs[0]
+        stops = list(eos_ids)
+        if isinstance(getattr(completion, "stop_reason", None), int):
+            stops.append(completion.stop_reason)  # a stop id from the checkpoint's generation_config
+        ids, reason = cut_at_eos(list(completion.token_ids), stops)
+        if completion.finish_reason == "stop":
+            reason = "stop"
+        gens.append(Generation(token_ids=ids, text=_decode(tokenizer, ids), finish_reason=reason))
+    return gens
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def generate(
+    model_or_path: Any,
+    tokenizer: Any,
+    prompts_ids: list[list[int]],
+    *,
+    n: int,
+    config: SamplingConfig,
+    seed_offset: int = 0,
+) -> list[list[Generation]]:
+    """Draw ``n`` responses for each prompt (token ids, e.g. from ``encode_prompt``).
+
+    Returns a list (one per prompt, in input order) of ``n`` Generations. ``temperature == 0`` decodes
+    greedily. ``model_or_path``: a loaded transformers model or a path (hf), a path or a ``vllm.LLM``
+    (vllm); an engine started here is released before returning.
+    """
+    config.validate()
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (responses per prompt), got {n!r}")
+    prompts_ids = [list(p) for p in prompts_ids]
+    if not prompts_ids:
+        return []
+    if config.backend == "vllm":
+        requests = [
+            (p, config.seed + seed_offset + i * n + j) for i, p in enumerate(prompts_ids) for j in range(n)
+        ]
+        with _vllm_engine(model_or_path, config) as engine:
+            flat = _vllm_generate_requests(engine.llm, tokenizer, requests, config)
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts_ids))]
+    model = model_or_path
+    if _is_path(model_or_path):
+        model, tokenizer = _load_hf(model_or_path, tokenizer)
+    return _hf_generate(model, tokenizer, prompts_ids, n, config, seed_offset)
+
+
+def read_samples(path: str | os.PathLike) -> list[dict]:
+    """Read ``samples.jsonl``: a partial last line (killed writer) is skipped, duplicates of a
+    (problem_id, sample_index) pair are dropped (first wins), and every record is checked (DataError naming
+    the line and key)."""
+    path = Path(path)
+    records = read_jsonl(path, tolerate_partial_tail=True)
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for lineno, rec in enumerate(records, start=1):
+        _validate_record(rec, f"{path}, record {lineno}")
+        key = (rec["problem_id"], rec["sample_index"])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(rec)
+    return out
+
+
+def _validate_record(rec: dict, where: str) -> None:
+    missing = [k for k in SAMPLE_KEYS if k not in rec]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {missing}")
+    checks = (
+        ("problem_id", isinstance(rec["problem_id"], str)),
+        ("sample_index", isinstance(rec["sample_index"], int) and rec["sample_index"] >= 0),
+        ("text", isinstance(rec["text"], str)),
+        (
+            "token_ids",
+            isinstance(rec["token_ids"], list) and all(isinstance(t, int) for t in rec["token_ids"]),
+        ),
+        ("num_tokens", isinstance(rec["num_tokens"], int) and rec["num_tokens"] == len(rec["token_ids"])),
+        ("finish_reason", rec["finish_reason"] in FINISH_REASONS),
+        ("correct", isinstance(rec["correct"], bool)),
+    )
+    for key, ok in checks:
+        if not ok:
+            value = rec[key] if key != "token_ids" else f"list of {len(rec[key])}"
+            raise DataError(f"{where}: bad value for key {key!r}: {value!r}")
+
+
+def _record(problem: Any, index: int, gen: Generation) -> dict:
+    return {
+        "problem_id": problem.id,
+        "sample_index": index,
+        "text": gen.text,
+        "token_ids": gen.token_ids,
+        "num_tokens": len(gen.token_ids),
+        "finish_reason": gen.finish_reason,
+        "correct": bool(is_correct(gen.text, problem.answer)),
+    }
+
+
+def sample_problems(
+    problems: Sequence[Any],
+    model_or_path: Any,
+    tokenizer: Any,
+    out_path: str | os.PathLike,
+    config: SamplingConfig,
+) -> list[dict]:
+    """Draw ``config.k`` graded samples per problem into ``out_path`` (``samples.jsonl``), resumably.
+
+    Pairs (problem_id, sample_index) already in ``out_path`` are skipped. Work runs in batches of whole
+    pairs; each finished batch is graded with ``is_correct`` and appended with one fsync. Problems are
+    taken longest prompt first. Returns the records of ``problems`` (old and new), in problem order then
+    sample index. ``tokenizer`` may be None when ``model_or_path`` is a path (loaded from there).
+    """
+    config.validate()
+    problems = list(problems)
+    by_id: dict[str, Any] = {}
+    for p in problems:
+        if p.id in by_id:
+            raise DataError(f"duplicate problem id {p.id!r} (question {p.question[:60]!r})")
+        by_id[p.id] = p
+    out_path = Path(out_path)
+    done: dict[tuple[str, int], dict] = {}
+    if out_path.exists():
+        for rec in read_samples(out_path):
+            if rec["problem_id"] in by_id and rec["sample_index"] < config.k:
+                done[(rec["problem_id"], rec["sample_index"])] = rec
+
+    if tokenizer is None:
+        if not _is_path(model_or_path):
+            raise ValueError("tokenizer is None: pass one, or pass the model as a path to load it from")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_or_path))
+
+    k = config.k
+    total = len(problems) * k
+    todo = total - len(done)
+    if todo == 0:
+        return _ordered(problems, done, k)
+    prompt_ids = {p.id: encode_prompt(tokenizer, p.question, config.system_prompt) for p in problems}
+    order = sorted(problems, key=lambda p: -len(prompt_ids[p.id]))  # stable: ties keep input order
+    remaining = {p.id: k - sum((p.id, i) in done for i in range(k)) for p in problems}
+    bar = tqdm(total=total, initial=len(done), desc="sampling", unit="sample", dynamic_ncols=True)
+    bar.set_postfix(problems=f"{sum(r == 0 for r in remaining.values())}/{len(problems)}")
+
+    def commit(pairs: list[tuple[Any, int]], gens: list[Generation]) -> None:
+        records = [_record(p, i, g) for (p, i), g in zip(pairs, gens)]
+        append_jsonl(out_path, records)
+        for rec, (p, _) in zip(records, pairs):
+            done[(rec["problem_id"], rec["sample_index"])] = rec
+            remaining[p.id] -= 1
+        bar.update(len(records))
+        bar.set_postfix(problems=f"{sum(r == 0 for r in remaining.values())}/{len(problems)}")
+
+    try:
+        if config.backend == "vllm":
+            # One request per pair with its own seed: resuming a problem with some samples done redraws
+            # exactly the missing ones; prefix caching shares the prompt's KV blocks between them.
+            with _vllm_engine(model_or_path, config) as engine:
+                for start in range(0, len(order), config.batch_size):
+                    block = [(j, p) for j, p in enumerate(order[start : start + config.batch_size], start)]
+                    pairs = [(p, i) for _, p in block for i in range(k) if (p.id, i) not in done]
+                    seeds = [
+                        config.seed + j * k + i for j, p in block for i in range(k) if (p.id, i) not in done
+                    ]
+                    if not pairs:
+                        continue
+                    gens = _vllm_generate_requests(
+                        engine.llm,
+                        tokenizer,
+                        [(prompt_ids[p.id], s) for (p, _), s in zip(pairs, seeds)],
+                        config,
+                    )
+                    commit(pairs, gens)
+        else:
+            model = model_or_path
+            if _is_path(model_or_path):
+                model, tokenizer = _load_hf(model_or_path, tokenizer)
+            eos_ids = stop_token_ids(model, tokenizer)
+            pad_id = _pad_id(model, tokenizer, eos_ids)
+            all_pairs = [(p, i) for p in order for i in range(k)]
+            # Batches are cut from the full pair list, not the pending one, and a batch with any pair
+            # missing is drawn whole (seed + b, same rows, same padding), only its missing pairs written:
+            # a resumed run redraws exactly what an uninterrupted one would have, even after a kill in the
+            # middle of a batch's write.
+            for b, start in enumerate(range(0, len(all_pairs), config.batch_size)):
+                batch = all_pairs[start : start + config.batch_size]
+                if all((p.id, i) in done for p, i in batch):
+                    continue
+                gens = _hf_generate_batch(
+                    model,
+                    tokenizer,
+                    [prompt_ids[p.id] for p, _ in batch],
+                    config,
+                    config.seed + b,
+                    eos_ids,
+                    pad_id,
+                )
+                todo_rows = [r for r, (p, i) in enumerate(batch) if (p.id, i) not in done]
+                commit([batch[r] for r in todo_rows], [gens[r] for r in todo_rows])
+    finally:
+        bar.close()
+    return _ordered(problems, done, k)
+
+
+def _ordered(problems: list[Any], done: dict[tuple[str, int], dict], k: int) -> list[dict]:
+    return [done[(p.id, i)] for p in problems for i in range(k) if (p.id, i) in done]

@@ -1,0 +1,380 @@
+"""Scoring: turn graded pre-samples into the off-policy training set (``scored.parquet``).
+
+Per problem x with samples y_1..y_K (all of them, before any selection):
+
+- ``ref_mean_length`` = mean_i L(y_i) (``num_tokens``), ``ref_accuracy`` = mean_i A(x, y_i);
+- ``reward`` = R_LH(x, y) = Lbar_ref / L(y) - 1 + lam * (A(x, y) - Abar_ref), raw;
+- m samples are kept (seeded per problem; ``samples_per_problem=0`` keeps all), and ``advantage`` is the
+  kept rewards clipped to [-2, 4] then z-scored over the whole kept set (each step switchable);
+- ``ref_logps``: log pi_ref of every response token, computed once here with the frozen reference model
+  (decoder hidden states -> ``linear_logprobs``, logits never materialised).
+
+Choices this module makes (and why):
+
+- An empty response (``num_tokens == 0``: EOS first) counts in the baselines with length 0, but is never
+  kept for training: its R_LH = Lbar/0 is undefined and it has no reasoning to prune.
+- ``response_ids`` are the generated tokens plus, for a response that ended with EOS
+  (``finish_reason == "stop"``), the tokenizer's EOS id (``append_eos``): the policy can only learn to stop
+  earlier if the EOS token carries the advantage too. ``length`` stays L(y), the EOS not counted.
+- ``max_length`` cuts the response tail so that prompt + response fit (the prompt is kept whole); a problem
+  whose prompt alone fills ``max_length`` is dropped with a warning. ``length`` keeps the full L(y).
+- Reference forward passes use right-padded batches of similar lengths (sorted longest first) under an
+  attention mask, at most ``batch_tokens`` padded tokens per pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from o1pruner.io import DataError, atomic_path
+from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT, encode_prompt
+from o1pruner.reward import length_harmonizing_reward, postprocess_rewards
+from o1pruner.sampling import _validate_record, read_samples
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("response_ids", pa.list_(pa.int32())),
+        ("ref_logps", pa.list_(pa.float32())),
+        ("length", pa.int32()),
+        ("correct", pa.bool_()),
+        ("ref_mean_length", pa.float64()),
+        ("ref_accuracy", pa.float64()),
+        ("reward", pa.float64()),
+        ("advantage", pa.float64()),
+    ]
+)
+COLUMNS = tuple(SCHEMA.names)
+
+
+@dataclass
+class ScoringConfig:
+    """Scoring knobs; defaults follow the paper and its released code.
+
+    ``samples_per_problem``: m samples kept per problem (0 keeps all). ``clip``: reward clip range or None.
+    ``max_length``: prompt + response cutoff in tokens (None: no cutoff). ``batch_tokens``: padded tokens
+    per reference forward pass. ``system_prompt`` must be the one the samples were drawn with.
+    ``append_eos``: end the response ids of EOS-terminated samples with the EOS id (see module doc).
+    """
+
+    lam: float = 2.0
+    samples_per_problem: int = 2
+    clip: tuple[float, float] | None = (-2.0, 4.0)
+    zscore: bool = True
+    seed: int = 0
+    max_length: int | None = 4096
+    batch_tokens: int = 16384
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    append_eos: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field with a bad value."""
+        if not self.lam >= 0:
+            raise ValueError(f"ScoringConfig.lam must be >= 0, got {self.lam!r}")
+        if not isinstance(self.samples_per_problem, int) or self.samples_per_problem < 0:
+            raise ValueError(
+                f"ScoringConfig.samples_per_problem (m) must be an integer >= 0 (0 = keep all), "
+                f"got {self.samples_per_problem!r}"
+            )
+        if self.clip is not None and (len(self.clip) != 2 or not self.clip[0] < self.clip[1]):
+            raise ValueError(
+                f"ScoringConfig.clip must be None or (low, high) with low < high, got {self.clip!r}"
+            )
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise ValueError(
+                f"ScoringConfig.max_length must be None or an integer >= 2, got {self.max_length!r}"
+            )
+        if not isinstance(self.batch_tokens, int) or self.batch_tokens < 1:
+            raise ValueError(f"ScoringConfig.batch_tokens must be an integer >= 1, got {self.batch_tokens!r}")
+
+
+def _problem_rng(seed: int, problem_id: str) -> np.random.Generator:
+    # Seeded by (seed, problem id): a problem's selection does not depend on the order or set of problems.
+    digest = int.from_bytes(hashlib.sha1(problem_id.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng(np.random.SeedSequence([seed, digest]))
+
+
+def select_samples(problem_id: str, indices: Sequence[int], m: int, seed: int) -> list[int]:
+    """The kept sample indices of one problem: ``m`` of ``indices`` at random (all if m == 0 or m >= n),
+    returned in ascending order; deterministic in (seed, problem_id, set of indices)."""
+    indices = sorted(indices)
+    if m == 0 or m >= len(indices):
+        return indices
+    picked = _problem_rng(seed, problem_id).choice(len(indices), size=m, replace=False)
+    return sorted(indices[i] for i in picked)
+
+
+def _eos_id(model: Any, tokenizer: Any) -> int | None:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        return int(eos)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        return gen_eos
+    if gen_eos:
+        return int(next(iter(gen_eos)))
+    return None
+
+
+def _model_device(model: Any):
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def plan_padded_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices, longest first, into right-padded batches of at most ``batch_tokens``
+    padded tokens (rows x longest row); a sequence longer than the budget gets a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def compute_ref_logps(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    batch_tokens: int = 16384,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> list[np.ndarray]:
+    """log pi_ref(y_t | x, y_<t) of every response token, under ``model`` in eval mode, without grad.
+
+    ``prompts[i]`` (P_i ids, P_i >= 1) and ``responses[i]`` (R_i ids). Returns one float32 array of shape
+    (R_i,) per sequence, in input order.
+    """
+    import torch
+
+    from o1pruner.kernels import linear_logprobs
+    from o1pruner.modeling import last_hidden_states, lm_head_weight
+
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    out: list[np.ndarray | None] = [None] * len(lengths)
+    device = _model_device(model)
+    weight = lm_head_weight(model)
+    was_training = model.training
+    model.eval()
+    batches = plan_padded_batches(lengths, batch_tokens)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="reference log-probs", unit="batch", disable=not progress):
+                width = lengths[batch[0]]
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+                for row, i in enumerate(batch):
+                    p, r = len(prompts[i]), len(responses[i])
+                    ids[row, : p + r] = torch.tensor(list(prompts[i]) + list(responses[i]), dtype=torch.long)
+                    mask[row, : p + r] = 1
+                    # position t predicts token t+1: the response tokens sit at labels[P-1 : P+R-1]
+                    labels[row, p - 1 : p + r - 1] = ids[row, p : p + r]
+                hidden = last_hidden_states(model, ids.to(device), attention_mask=mask.to(device))
+                logps = linear_logprobs(hidden, weight, labels.to(device)).float().cpu().numpy()
+                for row, i in enumerate(batch):
+                    p, r = len(prompts[i]), len(responses[i])
+                    out[i] = logps[row, p - 1 : p + r - 1].astype(np.float32, copy=True)
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def _list_array(seqs: Sequence[Sequence[Any] | np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """Build a pyarrow list array from per-row sequences without making one Python object per value."""
+    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    if lens.sum() >= 2**31:
+        raise DataError(f"{int(lens.sum())} values in one list column: too many for 32-bit offsets")
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum(lens, out=offsets[1:])
+    np_type = value_type.to_pandas_dtype()
+    values = np.concatenate([np.asarray(s, dtype=np_type) for s in seqs]) if seqs else np.zeros(0, np_type)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type=value_type))
+
+
+def build_training_set(
+    problems: Sequence[Any],
+    samples: Sequence[dict] | str | os.PathLike,
+    model: Any,
+    tokenizer: Any,
+    out_path: str | os.PathLike | None,
+    config: ScoringConfig,
+) -> pa.Table:
+    """Score pre-samples and write ``scored.parquet`` atomically (columns: ``COLUMNS``, see INTERFACES.md).
+
+    ``samples``: records as written by ``sample_problems`` (or the path of ``samples.jsonl``). ``model``:
+    the frozen reference model (or a path, loaded with ``modeling.load_model(mode="none")``). Rows are in
+    problem order, then sample index. Raises DataError for a sample of an unknown problem, a duplicated
+    (problem_id, sample_index), a malformed record, or when nothing is left to train on.
+    """
+    config.validate()
+    if isinstance(samples, (str, os.PathLike)):
+        samples = read_samples(samples)
+    if isinstance(model, (str, os.PathLike)):
+        from o1pruner.modeling import load_model
+
+        model, loaded_tok = load_model(str(model), mode="none")
+        tokenizer = tokenizer if tokenizer is not None else loaded_tok
+
+    by_id = {p.id: p for p in problems}
+    grouped: dict[str, dict[int, dict]] = {pid: {} for pid in by_id}
+    for n, rec in enumerate(samples):
+        _validate_record(rec, f"sample {n}")
+        pid, idx = rec["problem_id"], rec["sample_index"]
+        if pid not in by_id:
+            raise DataError(
+                f"sample {n} (sample_index {idx}): problem_id {pid!r} is not among the {len(by_id)} problems given"
+            )
+        if idx in grouped[pid]:
+            raise DataError(f"sample {n}: duplicate (problem_id, sample_index) = ({pid!r}, {idx})")
+        grouped[pid][idx] = rec
+
+    eos = _eos_id(model, tokenizer) if config.append_eos else None
+    rows: list[dict] = []
+    no_samples = too_long = empty = 0
+    for problem in problems:
+        recs = grouped[problem.id]
+        if not recs:
+            no_samples += 1
+            continue
+        prompt = encode_prompt(tokenizer, problem.question, config.system_prompt)
+        if not prompt:
+            raise DataError(f"problem {problem.id!r}: the prompt encodes to no tokens")
+        if config.max_length is not None and len(prompt) >= config.max_length:
+            too_long += 1
+            continue
+        ordered = [recs[i] for i in sorted(recs)]
+        lengths = np.array([r["num_tokens"] for r in ordered], dtype=np.float64)
+        correct = np.array([r["correct"] for r in ordered], dtype=np.float64)
+        mean_len, acc = float(lengths.mean()), float(correct.mean())
+        eligible = [r["sample_index"] for r in ordered if r["num_tokens"] > 0]
+        empty += len(ordered) - len(eligible)
+        for idx in select_samples(problem.id, eligible, config.samples_per_problem, config.seed):
+            rec = recs[idx]
+            response = list(rec["token_ids"])
+            if eos is not None and rec["finish_reason"] == "stop":
+                response.append(eos)
+            if config.max_length is not None:
+                response = response[: config.max_length - len(prompt)]
+            reward = length_harmonizing_reward(
+                [rec["num_tokens"]], [rec["correct"]], mean_len, acc, lam=config.lam
+            )
+            rows.append(
+                {
+                    "problem_id": problem.id,
+                    "sample_index": idx,
+                    "prompt_ids": prompt,
+                    "response_ids": response,
+                    "length": rec["num_tokens"],
+                    "correct": bool(rec["correct"]),
+                    "ref_mean_length": mean_len,
+                    "ref_accuracy": acc,
+                    "reward": float(np.asarray(reward, dtype=np.float64).reshape(-1)[0]),
+                }
+            )
+    if no_samples:
+        logger.warning("scoring: %d of %d problems have no samples; skipped", no_samples, len(problems))
+    if too_long:
+        logger.warning(
+            "scoring: %d problems dropped: their prompt alone has >= max_length=%s tokens",
+            too_long,
+            config.max_length,
+        )
+    if empty:
+        logger.info("scoring: %d empty responses (EOS first) counted in the baselines, never kept", empty)
+    if not rows:
+        raise DataError(
+            f"scoring: no trainable sample among {len(samples)} samples of {len(problems)} problems "
+            f"({no_samples} without samples, {too_long} with over-long prompts, {empty} empty responses)"
+        )
+
+    rewards = np.array([r["reward"] for r in rows], dtype=np.float64)
+    advantages = np.asarray(postprocess_rewards(rewards, clip=config.clip, zscore=config.zscore), np.float64)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    ref_logps = compute_ref_logps(
+        model,
+        [r["prompt_ids"] for r in rows],
+        [r["response_ids"] for r in rows],
+        batch_tokens=config.batch_tokens,
+        pad_id=int(pad_id) if pad_id is not None else 0,
+    )
+    table = pa.Table.from_arrays(
+        [
+            pa.array([r["problem_id"] for r in rows], pa.string()),
+            pa.array([r["sample_index"] for r in rows], pa.int32()),
+            _list_array([r["prompt_ids"] for r in rows], pa.int32()),
+            _list_array([r["response_ids"] for r in rows], pa.int32()),
+            _list_array(ref_logps, pa.float32()),
+            pa.array([r["length"] for r in rows], pa.int32()),
+            pa.array([r["correct"] for r in rows], pa.bool_()),
+            pa.array([r["ref_mean_length"] for r in rows], pa.float64()),
+            pa.array([r["ref_accuracy"] for r in rows], pa.float64()),
+            pa.array(rewards, pa.float64()),
+            pa.array(advantages, pa.float64()),
+        ],
+        schema=SCHEMA,
+    )
+    if out_path is not None:
+        with atomic_path(out_path) as tmp:
+            pq.write_table(table, tmp)
+    return table
+
+
+def load_training_set(path: str | os.PathLike) -> pa.Table:
+    """Read ``scored.parquet``; DataError naming the file and the missing columns, or the first row whose
+    ``ref_logps`` and ``response_ids`` differ in length."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing} (expected {list(COLUMNS)})")
+    for name in ("prompt_ids", "response_ids", "ref_logps"):
+        if not pa.types.is_list(table.schema.field(name).type) and not pa.types.is_large_list(
+            table.schema.field(name).type
+        ):
+            raise DataError(
+                f"{path}: column {name!r} must be a list column, got {table.schema.field(name).type}"
+            )
+    import pyarrow.compute as pc
+
+    n_resp = pc.list_value_length(table["response_ids"]).to_numpy(zero_copy_only=False)
+    n_logp = pc.list_value_length(table["ref_logps"]).to_numpy(zero_copy_only=False)
+    bad = np.nonzero(n_resp != n_logp)[0]
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(
+            f"{path}, row {i}: ref_logps has {n_logp[i]} values but response_ids has {n_resp[i]} tokens"
+        )
+    return table

@@ -1,0 +1,521 @@
+"""The O1-Pruner trainer: off-policy PPO-clip on pre-sampled, scored responses, on one device.
+
+Read top to bottom, ``Trainer.train`` is the whole loop:
+
+1. the scored rows (``scored.parquet``) are shuffled with a seeded permutation per epoch;
+2. an optimizer step takes the next ``effective_batch_size`` rows, packs them (no padding) into
+   micro-batches of at most ``micro_batch_tokens`` tokens, and accumulates gradients over them;
+3. a micro-batch runs the decoder body only (``last_hidden_states``: the logits are never built) and the
+   fused ``linear_ppo_loss`` against the stored reference log-probs (no second model copy); its loss is
+   weighted by its share of the step's sequences, so the accumulated loss is exactly the loss over all
+   the step's sequences (share of valid tokens for ``importance_level="token"`` + ``"token_mean"``);
+4. clip the gradient norm, AdamW step, LR schedule step, log a ``metrics.jsonl`` row;
+5. every ``save_every`` steps and at the end, an atomic checkpoint from which ``train(resume=True)``
+   continues bit-for-bit (trainable weights, optimizer, scheduler, RNG states, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import DataError, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from .modeling import last_hidden_states, lm_head_weight
+from .packing import (
+    Example,
+    PackedBatch,
+    build_example,
+    collate_packed,
+    packed_attention_kwargs,
+    plan_micro_batches,
+)
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("prompt_ids", "response_ids", "ref_logps", "advantage")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters; defaults follow the paper and its released code."""
+
+    learning_rate: float = 2e-6
+    num_epochs: int = 1
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "cosine"  # a transformers.get_scheduler name: cosine, linear, constant...
+    weight_decay: float = 0.0
+    effective_batch_size: int = 32  # sequences per optimizer step
+    micro_batch_tokens: int = 8192  # packed token budget per forward/backward
+    importance_level: str = "sequence_geomean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    reduction: str = "sequence_mean"
+    max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
+    optimizer: str = "adamw"  # "adamw" (torch) | "paged_adamw_8bit" (bitsandbytes)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    bf16: bool = True  # bf16 autocast, on CUDA only
+    seed: int = 0
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    logging_every: int = 1
+    report_to: list[str] = field(default_factory=list)  # "tensorboard", "wandb"
+    backend: str = "auto"  # kernel backend
+    packing: str = "ffd"  # "ffd" (first-fit decreasing) | "sequential"
+    max_steps: int | None = None  # stop after this global step (the LR schedule still spans the full run)
+
+
+class TrainingRows:
+    """The scored training rows as flat numpy arrays (no per-token Python objects for big data sets)."""
+
+    def __init__(self, table, source: str = "<table>"):
+        import pyarrow as pa
+
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise DataError(f"{source}: missing column(s) {missing}; has {table.column_names}")
+        self.source = source
+
+        def flat(name, dtype):
+            col = table.column(name).combine_chunks()
+            if isinstance(col, pa.ChunkedArray):  # pragma: no cover - combine_chunks returns an Array
+                col = col.chunk(0)
+            if col.null_count:
+                raise DataError(f"{source}: column {name!r} has {col.null_count} null row(s)")
+            offsets = col.offsets.to_numpy().astype(np.int64)
+            values = col.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+            return offsets, values
+
+        self.prompt_off, self.prompt = flat("prompt_ids", np.int64)
+        self.resp_off, self.resp = flat("response_ids", np.int64)
+        lp_off, self.ref_logps = flat("ref_logps", np.float32)
+        self.advantage = np.asarray(
+            table.column("advantage").to_numpy(zero_copy_only=False), dtype=np.float64
+        )
+        if not np.array_equal(lp_off, self.resp_off):
+            bad = int(np.nonzero(np.diff(lp_off) != np.diff(self.resp_off))[0][0])
+            raise DataError(
+                f"{source}, row {bad}: ref_logps has {lp_off[bad + 1] - lp_off[bad]} values but response_ids "
+                f"has {self.resp_off[bad + 1] - self.resp_off[bad]} tokens"
+            )
+        if not np.isfinite(self.advantage).all():
+            bad = int(np.nonzero(~np.isfinite(self.advantage))[0][0])
+            raise DataError(f"{source}, row {bad}: advantage is {self.advantage[bad]}")
+        n_prompt = np.diff(self.prompt_off)
+        if (n_prompt == 0).any():
+            raise DataError(f"{source}, row {int(np.argmax(n_prompt == 0))}: empty prompt_ids")
+        # Rows with an empty response carry no token to train on; they are left out of the run.
+        self.rows = np.nonzero(np.diff(self.resp_off) > 0)[0]
+        if len(self.rows) < len(n_prompt):
+            log.warning(
+                "%s: %d row(s) with an empty response skipped", source, len(n_prompt) - len(self.rows)
+            )
+        if len(self.rows) == 0:
+            raise DataError(f"{source}: no row with a non-empty response to train on")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def length(self, i: int) -> int:
+        """Total tokens (prompt + response) of training row ``i`` (an index into ``self.rows``)."""
+        r = self.rows[i]
+        return int(self.prompt_off[r + 1] - self.prompt_off[r] + self.resp_off[r + 1] - self.resp_off[r])
+
+    def example(self, i: int) -> Example:
+        r = int(self.rows[i])
+        p0, p1 = self.prompt_off[r], self.prompt_off[r + 1]
+        s0, s1 = self.resp_off[r], self.resp_off[r + 1]
+        return build_example(
+            self.prompt[p0:p1].tolist(),
+            self.resp[s0:s1].tolist(),
+            self.ref_logps[s0:s1].tolist(),
+            float(self.advantage[r]),
+            row=r,
+        )
+
+
+def _read_table(train_set):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if isinstance(train_set, pa.Table):
+        return train_set, "<table>"
+    path = Path(train_set)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    return pq.read_table(path), str(path)
+
+
+class Trainer:
+    """Single-device O1-Pruner trainer. ``output_dir`` gets ``metrics.jsonl`` and ``checkpoints/``."""
+
+    def __init__(self, model, train_set, config: TrainConfig, output_dir: str | os.PathLike):
+        from transformers import get_scheduler
+
+        self.model = model
+        self.config = config
+        self.output_dir = Path(output_dir)
+        table, source = _read_table(train_set)
+        self.data = TrainingRows(table, source)
+        self._check_config()
+
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.named_params:
+            raise ValueError("the model has no trainable parameter (was it loaded with mode='none'?)")
+        self.device = self.named_params[0][1].device
+        self.attn_implementation = _unwrap_config(model)._attn_implementation
+        self.autocast_dtype = torch.bfloat16 if (config.bf16 and self.device.type == "cuda") else None
+
+        self.steps_per_epoch = math.ceil(len(self.data) / config.effective_batch_size)
+        self.total_steps = self.steps_per_epoch * config.num_epochs
+        self.optimizer = self._make_optimizer()
+        self.scheduler = get_scheduler(
+            config.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.global_step = 0
+        self.elapsed = 0.0
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self._writers: list = []
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _check_config(self) -> None:
+        c = self.config
+        if c.effective_batch_size < 1:
+            raise ValueError(f"effective_batch_size must be >= 1, got {c.effective_batch_size}")
+        if c.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1, got {c.micro_batch_tokens}")
+        if c.num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1, got {c.num_epochs}")
+        if not 0.0 <= c.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {c.warmup_ratio}")
+        if c.optimizer not in ("adamw", "paged_adamw_8bit"):
+            raise ValueError(f"optimizer={c.optimizer!r}: expected 'adamw' or 'paged_adamw_8bit'")
+        for name in c.report_to:
+            if name not in ("tensorboard", "wandb"):
+                raise ValueError(f"report_to: unknown target {name!r} (expected 'tensorboard' or 'wandb')")
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = [p for _, p in self.named_params]
+        kw = {
+            "lr": c.learning_rate,
+            "betas": tuple(c.adam_betas),
+            "eps": c.adam_eps,
+            "weight_decay": c.weight_decay,
+        }
+        if c.optimizer == "paged_adamw_8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit(params, **kw)
+        return torch.optim.AdamW(params, **kw)
+
+    # ------------------------------------------------------------------------------------------ data
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The seeded permutation of training rows for ``epoch`` (indices into ``self.data``)."""
+        return np.random.default_rng([self.config.seed, epoch]).permutation(len(self.data))
+
+    def step_rows(self, step: int) -> list[int]:
+        """Training-row indices of global optimizer step ``step`` (0-based); the last one may be short."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        b = self.config.effective_batch_size
+        return self.epoch_order(epoch)[i * b : (i + 1) * b].tolist()
+
+    def micro_batches(self, rows: list[int]) -> list[PackedBatch]:
+        """Pack the rows of one step into token-budgeted micro-batches."""
+        lengths = [self.data.length(i) for i in rows]
+        plan = plan_micro_batches(lengths, self.config.micro_batch_tokens, self.config.packing)
+        return [collate_packed([self.data.example(rows[j]) for j in group]) for group in plan]
+
+    # ------------------------------------------------------------------------------------------ compute
+    def micro_batch_loss(self, batch: PackedBatch):
+        """Forward one packed micro-batch: decoder body, then the fused PPO loss. Returns PPOLossOutput."""
+        from .kernels import linear_ppo_loss
+
+        batch = batch.to(self.device)
+        attn_kw = packed_attention_kwargs(
+            self.attn_implementation, batch, self.autocast_dtype or lm_head_weight(self.model).dtype
+        )
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            hidden = last_hidden_states(self.model, batch.input_ids, **attn_kw)
+        weight = lm_head_weight(self.model)
+        if self.autocast_dtype is not None:
+            # What autocast does to the lm_head matmul (differentiable casts; the kernel accumulates in fp32).
+            # Without it a float32 master lm_head (full mode) would force a float32 GEMM over the vocab.
+            weight = weight.to(self.autocast_dtype)
+            hidden = hidden.to(self.autocast_dtype)
+        c = self.config
+        return linear_ppo_loss(
+            hidden[0],
+            weight,
+            batch.labels[0],
+            batch.old_logps[0],
+            batch.advantages[0],
+            seq_ids=batch.seq_ids[0],
+            importance_level=c.importance_level,
+            clip_low=c.clip_low,
+            clip_high=c.clip_high,
+            reduction=c.reduction,
+            backend=c.backend,
+        )
+
+    def forward_backward(self, rows: list[int]) -> dict:
+        """Accumulate the gradient of the loss over all ``rows``; returns step metrics (no optimizer step)."""
+        batches = self.micro_batches(rows)
+        by_token = self.config.importance_level == "token"
+        token_weighted_loss = by_token and self.config.reduction == "token_mean"
+        n_seq = sum(b.num_sequences for b in batches)
+        n_valid = sum(b.num_valid_tokens() for b in batches)
+        loss = clip = ratio = 0.0
+        for b in batches:
+            seq_share = b.num_sequences / n_seq
+            tok_share = b.num_valid_tokens() / n_valid
+            out = self.micro_batch_loss(b)
+            w = tok_share if token_weighted_loss else seq_share
+            (out.loss * w).backward()
+            loss += float(out.loss) * w
+            clip += float(out.clip_fraction) * (tok_share if by_token else seq_share)
+            ratio += float(out.mean_ratio) * seq_share
+        return {
+            "loss": loss,
+            "clip_fraction": clip,
+            "mean_ratio": ratio,
+            "num_sequences": n_seq,
+            "num_tokens": sum(b.num_tokens for b in batches),
+            "num_micro_batches": len(batches),
+        }
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self, resume: bool = True) -> list[dict]:
+        """Run (or continue) training to the end (or ``max_steps``). Returns the metrics rows of all steps."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self._start(resume)
+        last = self.total_steps if c.max_steps is None else min(self.total_steps, c.max_steps)
+        self.model.train()
+        bar = tqdm(total=last, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            while self.global_step < last:
+                t0 = time.perf_counter()
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                lr = self.scheduler.get_last_lr()[0]
+                m = self.forward_backward(self.step_rows(self.global_step))
+                params = [p for _, p in self.named_params]
+                max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                row = {
+                    "step": self.global_step,
+                    "epoch": (self.global_step - 1) // self.steps_per_epoch,
+                    "loss": m["loss"],
+                    "clip_fraction": m["clip_fraction"],
+                    "mean_ratio": m["mean_ratio"],
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": m["num_tokens"] / max(dt, 1e-9),
+                    "peak_memory_gb": _peak_memory_gb(self.device),
+                    "elapsed": self.elapsed,
+                    "num_sequences": m["num_sequences"],
+                    "num_tokens": m["num_tokens"],
+                    "num_micro_batches": m["num_micro_batches"],
+                }
+                if self.global_step % max(1, c.logging_every) == 0 or self.global_step == last:
+                    append_jsonl(self.metrics_path, [row])
+                    self._report(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", clip=f"{row['clip_fraction']:.3f}")
+                bar.update(1)
+                if (c.save_every and self.global_step % c.save_every == 0) or self.global_step == last:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            for w in self._writers:
+                w.close()
+            self._writers = []
+        return read_jsonl(self.metrics_path, tolerate_partial_tail=True) if self.metrics_path.exists() else []
+
+    def _start(self, resume: bool) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = self.latest_checkpoint() if resume else None
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+            log.info("resumed from %s (step %d)", ckpt, self.global_step)
+        elif not resume and self.checkpoint_dir.exists():
+            log.warning("resume=False: removing the old checkpoints in %s", self.checkpoint_dir)
+            shutil.rmtree(self.checkpoint_dir)
+        # Drop metric rows past the restored step: they will be recomputed, identically.
+        if self.metrics_path.exists():
+            rows = [
+                r
+                for r in read_jsonl(self.metrics_path, tolerate_partial_tail=True)
+                if r.get("step", 0) <= self.global_step
+            ]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._open_writers()
+
+    def _open_writers(self) -> None:
+        for name in self.config.report_to:
+            try:
+                if name == "tensorboard":
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._writers.append(SummaryWriter(str(self.output_dir / "tensorboard")))
+                elif name == "wandb":
+                    import wandb
+
+                    run = wandb.init(
+                        project="o1pruner",
+                        dir=str(self.output_dir),
+                        config=asdict(self.config),
+                        resume="allow",
+                    )
+                    self._writers.append(_WandbWriter(run))
+            except ImportError as e:
+                log.warning("report_to=%s requested but not installed (%s); skipping it", name, e)
+
+    def _report(self, row: dict) -> None:
+        for w in self._writers:
+            for k, v in row.items():
+                if k not in ("step",) and isinstance(v, (int, float)) and v is not None:
+                    w.add_scalar(f"train/{k}", v, row["step"])
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete ``checkpoints/step-N`` (complete ones are renamed into place, never partial)."""
+        if not self.checkpoint_dir.is_dir():
+            return None
+        steps = []
+        for d in self.checkpoint_dir.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and d.is_dir() and (d / "trainer_state.json").exists():
+                steps.append((int(m.group(1)), d))
+        return max(steps)[1] if steps else None
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically, then point ``checkpoints/last`` at it."""
+        from safetensors.torch import save_file
+
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{self.global_step}"
+        final = self.checkpoint_dir / name
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.checkpoint_dir))
+        try:
+            save_file(
+                {n: p.detach().contiguous().cpu() for n, p in self.named_params},
+                tmp / "trainable.safetensors",
+            )
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            rng = {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            }
+            torch.save(rng, tmp / "rng.pt")
+            epoch, pos = divmod(self.global_step, self.steps_per_epoch)
+            state = {
+                "global_step": self.global_step,
+                "epoch": epoch,
+                "step_in_epoch": pos,
+                "order": self.epoch_order(epoch).tolist(),
+                "elapsed": self.elapsed,
+                "total_steps": self.total_steps,
+                "num_rows": len(self.data),
+                "config": asdict(self.config),
+            }
+            atomic_write_json(tmp / "trainer_state.json", state)  # written last: marks the folder complete
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(self.checkpoint_dir / "last", name + "\n")
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore trainable weights, optimizer, scheduler, RNG states and the data position."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        if state["num_rows"] != len(self.data) or state["total_steps"] != self.total_steps:
+            raise ValueError(
+                f"{path}: checkpoint of a run with {state['num_rows']} rows / {state['total_steps']} steps, "
+                f"but this run has {len(self.data)} rows / {self.total_steps} steps (different data or config)"
+            )
+        if state["order"] != self.epoch_order(state["epoch"]).tolist():
+            raise ValueError(f"{path}: data order differs from this run's (different seed?)")
+        weights = load_file(path / "trainable.safetensors")
+        names = {n for n, _ in self.named_params}
+        if set(weights) != names:
+            raise ValueError(f"{path}: trainable parameters differ: {sorted(set(weights) ^ names)[:5]}")
+        with torch.no_grad():
+            for n, p in self.named_params:
+                p.copy_(weights[n].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
+        )
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.global_step = state["global_step"]
+        self.elapsed = state["elapsed"]
+
+
+class _WandbWriter:
+    def __init__(self, run):
+        self.run = run
+
+    def add_scalar(self, key, value, step):
+        self.run.log({key: value}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+def _unwrap_config(model):
+    from .modeling import _unwrap
+
+    return _unwrap(model).config
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated during the step on CUDA; on a CPU, the process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
