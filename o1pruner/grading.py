@@ -5,7 +5,11 @@ braces and ``\\fbox{...}``), looked for only after the last ``</think>``; withou
 "the (final) answer is X" statement; otherwise there is none and the response is wrong. Special cases:
 
 * ``</think>`` present: only the text after the last one counts (nothing after it: no answer).
-* ``<think>`` present without a later ``</think>``: the response stopped while thinking: no answer.
+* no ``</think>``: the whole response counts (METHOD.md: "after any ``</think>``"), also when it opened
+  a ``<think>`` block that was never closed.
+* "the answer is X" counts only as the *closing* statement: at most ``MAX_TAIL_CHARS`` characters
+  (say "I hope it is correct.") may follow the sentence that states it; reasoning that goes on after it
+  means the model had not settled, as in a response cut off at the token limit.
 * the last box is cut off (unbalanced braces, e.g. at the token limit): no answer; an earlier
   complete box does not stand in for it, because the model was still writing its final answer.
 
@@ -44,6 +48,7 @@ STARTUP_TIMEOUT_S = 30.0  # one-off start of a helper process (python + math-ver
 ACQUIRE_TIMEOUT_S = 30.0  # wait for a free helper when more threads than helpers are grading
 MAX_VERIFY_CHARS = 1000  # longer answers/golds: normalised string comparison only
 MAX_STATEMENT_CHARS = 500  # "the answer is X": X is cut to this many characters
+MAX_TAIL_CHARS = 40  # text allowed after a closing "the answer is X" sentence
 _CACHE_SIZE = 65536
 _RETRY_START_S = 60.0
 
@@ -63,8 +68,6 @@ def _after_thinking(text: str) -> str | None:
     end = text.rfind("</think>")
     if end >= 0:
         return text[end + len("</think>") :]
-    if "<think>" in text:
-        return None  # unfinished thinking: the response was cut off before answering
     return text
 
 
@@ -119,17 +122,27 @@ def _answer_statement(text: str) -> str | None:
         return None
     rest = text[last.end() : last.end() + 4 * MAX_STATEMENT_CHARS]
     nl = rest.find("\n")
-    line = (rest if nl < 0 else rest[:nl]).strip().strip("*").strip()
+    raw_line = rest if nl < 0 else rest[:nl]
+    lead = len(raw_line) - len(raw_line.lstrip().lstrip("*").lstrip())
+    line = raw_line[lead:]
     x = None
+    stop = len(raw_line)  # where the statement ends, as an offset into ``rest``
     for open_, close in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if line.startswith(open_):
             end = line.find(close, len(open_))
             if end > len(open_):
                 x = line[len(open_) : end]
+                stop = lead + end + len(close)
             break
     if x is None:
         m = _SENTENCE_END_RE.search(line)
         x = line[: m.start()] if m else line
+        stop = lead + (m.end() if m else len(line))
+    if (
+        len(text) - (last.end() + stop) > MAX_TAIL_CHARS
+        and len(text[last.end() + stop :].strip()) > MAX_TAIL_CHARS
+    ):
+        return None  # not a closing statement: the response goes on after it
     x = x.strip().strip("*").strip().strip("$").strip().rstrip(".").strip()
     return x[:MAX_STATEMENT_CHARS] or None
 

@@ -33,7 +33,11 @@ CASES = [
     ("<think>maybe \\boxed{17}</think>\nFinal: \\boxed{18}", "18", True),
     ("<think>so \\boxed{18}</think>", "18", False),
     ("<think>first pass</think> \\boxed{1} <think>again</think> \\boxed{18}", "18", True),
-    ("<think>Let me compute 15+3 = 18, so \\boxed{18} is likely. But wait", "18", False),
+    # no </think>: the whole response counts (METHOD.md: "the last \boxed{} (after any </think>)")
+    ("<think>Let me compute 15+3 = 18, so \\boxed{18} is likely. But wait", "18", True),
+    # a statement followed by more reasoning is not a closing answer (cut off at the token limit)
+    ("Maybe the answer is 42. Wait, that was a guess; let me check it carefully by another method: 6*7 = ", "42", False),
+    ("So the final answer is 42. I hope it is correct.", "42", True),
     # cut off / no final answer
     ("Therefore the answer is \\boxed{\\frac{1}{", "\\frac{1}{2}", False),
     ("\\boxed{18} is tempting, but recheck: \\boxed{1", "18", False),
@@ -114,7 +118,7 @@ def test_table_is_large_enough():
         ("\\boxed{a\\\\}b}", "a\\\\"),
         ("<think>\\boxed{1}</think>no box here", None),
         ("<think>\\boxed{1}</think>   ", None),
-        ("<think>unfinished \\boxed{1}", None),
+        ("<think>unfinished \\boxed{1}", "1"),
         ("The final answer is: $x^2$ and more text", "x^2"),
         ("the answer is 12.5. Next line", "12.5"),
         ("The answer is 7\nsome trailing text", "7"),
