@@ -1,0 +1,268 @@
+"""Evaluation: accuracy and generated length of a model on held-out problems.
+
+Responses come from :func:`o1pruner.sampling.generate` (the same backends and prompt builder as the
+pre-sampling), greedy by default as in the paper; each is graded by :func:`o1pruner.grading.is_correct`
+and its length is its number of generated tokens. Per-response records are appended to a JSON-lines file
+batch by batch, so an interrupted evaluation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from o1pruner.io import append_jsonl, read_jsonl
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. You should think step-by-step and put your final answer within \\boxed{}."
+)
+
+
+@dataclass
+class EvalConfig:
+    """Decoding settings of an evaluation (paper: greedy, up to 8192 new tokens)."""
+
+    max_new_tokens: int = 8192
+    greedy: bool = True
+    temperature: float = 0.5  # used only when greedy is False
+    top_p: float = 0.8
+    backend: str = "hf"  # "hf" | "vllm"
+    batch_size: int = 64  # prompts per generate call (and per appended batch of records)
+    num_samples: int = 1  # responses per problem when sampling; greedy always uses 1
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    seed: int = 0
+    gpu_memory_utilization: float = 0.85  # vllm only
+    quantization: str | None = None  # vllm only
+
+    def sampling_config(self):
+        """The :class:`o1pruner.sampling.SamplingConfig` that ``generate`` receives."""
+        from dataclasses import fields
+
+        from o1pruner.sampling import SamplingConfig
+
+        values = {
+            "k": self.responses_per_problem,
+            "temperature": 0.0 if self.greedy else self.temperature,
+            "top_p": 1.0 if self.greedy else self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "backend": self.backend,
+            "batch_size": self.batch_size,
+            "system_prompt": self.system_prompt,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "quantization": self.quantization,
+        }
+        known = {f.name for f in fields(SamplingConfig)}
+        return SamplingConfig(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def responses_per_problem(self) -> int:
+        return 1 if self.greedy else self.num_samples
+
+
+def _attr(problem: Any, name: str, default: Any = None) -> Any:
+    if isinstance(problem, dict):
+        return problem.get(name, default)
+    return getattr(problem, name, default)
+
+
+def evaluate_model(
+    model_or_path: Any,
+    tokenizer: Any,
+    problems: Sequence[Any],
+    config: EvalConfig | None = None,
+    out_path: str | os.PathLike | None = None,
+    *,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Generate, grade and measure responses to ``problems``.
+
+    Args:
+        model_or_path: a loaded causal LM (hf backend) or a model path (vllm backend).
+        problems: ``o1pruner.data.Problem`` objects (or dicts with ``id``, ``question``, ``answer``,
+            optional ``level``).
+        out_path: per-response JSON-lines file; records already there (same problem id and sample index)
+            are reused, so a rerun only generates the missing ones.
+
+    Returns:
+        ``{"accuracy", "mean_length", "median_length", "num_problems", "num_responses",
+        "truncated_fraction", "per_level", "lengths", "config"}``: accuracy is a fraction in [0, 1],
+        lengths are generated tokens; ``per_level`` maps each level to the same metrics (empty when no
+        problem has a level); ``lengths`` lists every response's length in problem order.
+    """
+    config = config or EvalConfig()
+    n = config.responses_per_problem
+    ids = [str(_attr(p, "id")) for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        raise ValueError(f"evaluation problems: duplicate problem id {dup!r}")
+
+    done: dict[tuple[str, int], dict] = {}
+    if out_path is not None and os.path.exists(out_path):
+        for rec in read_jsonl(out_path, tolerate_partial_tail=True):
+            done.setdefault((str(rec.get("problem_id")), int(rec.get("sample_index", 0))), rec)
+
+    todo = [p for p in problems if any((str(_attr(p, "id")), j) not in done for j in range(n))]
+    if todo:
+        with _generator(model_or_path, tokenizer, config) as (model, tokenizer):
+            _generate_missing(model, tokenizer, todo, done, config, out_path, desc)
+
+    records = [
+        done[(str(_attr(p, "id")), j)] for p in problems for j in range(n) if (str(_attr(p, "id")), j) in done
+    ]
+    levels = {str(_attr(p, "id")): _attr(p, "level") for p in problems}
+    result = compute_metrics(records, levels)
+    result["num_problems"] = len(problems)
+    result["config"] = {
+        "greedy": config.greedy,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": None if config.greedy else config.temperature,
+        "top_p": None if config.greedy else config.top_p,
+        "responses_per_problem": n,
+        "backend": config.backend,
+    }
+    return result
+
+
+@contextlib.contextmanager
+def _generator(model_or_path: Any, tokenizer: Any, config: EvalConfig) -> Iterator[tuple[Any, Any]]:
+    """Load a model given as a path once for the whole evaluation (an engine per batch would be slow)."""
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        was_training = bool(getattr(model_or_path, "training", False))
+        if was_training:  # dropout off; gradient checkpointing would also switch the KV cache off
+            model_or_path.eval()
+        try:
+            yield model_or_path, tokenizer
+        finally:
+            if was_training:
+                model_or_path.train()
+        return
+    if config.backend == "vllm":
+        from o1pruner.sampling import make_vllm_engine, release_vllm_engine
+
+        llm = make_vllm_engine(model_or_path, config.sampling_config())
+        try:
+            if tokenizer is None:
+                tokenizer = llm.get_tokenizer()
+            yield llm, tokenizer
+        finally:
+            release_vllm_engine(llm)
+        return
+    from o1pruner.modeling import load_model
+
+    model, tok = load_model(str(model_or_path), mode="none")
+    try:
+        yield model, tokenizer if tokenizer is not None else tok
+    finally:
+        del model
+
+
+def _generate_missing(
+    model: Any,
+    tokenizer: Any,
+    todo: Sequence[Any],
+    done: dict[tuple[str, int], dict],
+    config: EvalConfig,
+    out_path: str | os.PathLike | None,
+    desc: str,
+) -> None:
+    """Generate and grade the missing responses of ``todo``, adding them to ``done`` (and ``out_path``)."""
+    from tqdm.auto import tqdm
+
+    from o1pruner.grading import extract_answer, is_correct
+    from o1pruner.prompts import encode_prompt
+    from o1pruner.sampling import generate
+
+    n = config.responses_per_problem
+    sampling_config = config.sampling_config()
+    with tqdm(total=len(todo), desc=desc, unit="problem") as bar:
+        for start in range(0, len(todo), config.batch_size):
+            batch = todo[start : start + config.batch_size]
+            prompts = [encode_prompt(tokenizer, _attr(p, "question"), config.system_prompt) for p in batch]
+            # seed_offset: batches of a sampled evaluation draw with distinct seeds.
+            outputs = generate(model, tokenizer, prompts, n=n, config=sampling_config, seed_offset=start * n)
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"generate returned {len(outputs)} result lists for {len(batch)} prompts")
+            new = []
+            for problem, gens in zip(batch, outputs):
+                pid = str(_attr(problem, "id"))
+                gold = str(_attr(problem, "answer"))
+                for j, gen in enumerate(gens[:n]):
+                    if (pid, j) in done:
+                        continue
+                    rec = {
+                        "problem_id": pid,
+                        "sample_index": j,
+                        "level": _attr(problem, "level"),
+                        "gold": gold,
+                        "extracted": extract_answer(gen.text),
+                        "correct": bool(is_correct(gen.text, gold)),
+                        "num_tokens": len(gen.token_ids),
+                        "finish_reason": gen.finish_reason,
+                        "text": gen.text,
+                    }
+                    done[(pid, j)] = rec
+                    new.append(rec)
+            if out_path is not None:
+                append_jsonl(out_path, new)
+            bar.update(len(batch))
+
+
+def _summary(lengths: Sequence[int], correct: Sequence[bool], truncated: Sequence[bool]) -> dict[str, Any]:
+    if not lengths:
+        return {
+            "accuracy": 0.0,
+            "mean_length": 0.0,
+            "median_length": 0.0,
+            "num_responses": 0,
+            "truncated_fraction": 0.0,
+        }
+    lengths64 = np.asarray(lengths, dtype=np.float64)
+    return {
+        "accuracy": float(np.mean(np.asarray(correct, dtype=np.float64))),
+        "mean_length": float(lengths64.mean()),
+        "median_length": float(np.median(lengths64)),
+        "num_responses": len(lengths),
+        "truncated_fraction": float(np.mean(np.asarray(truncated, dtype=np.float64))),
+    }
+
+
+def compute_metrics(records: Sequence[dict], levels: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of graded response records (``correct``, ``num_tokens``, ``finish_reason``, ``problem_id``).
+
+    ``levels`` maps problem id to level (None: no level); the per-level breakdown is given only when at
+    least one problem has a level (the rest are grouped under "none").
+    """
+    lengths = [int(r["num_tokens"]) for r in records]
+    correct = [bool(r["correct"]) for r in records]
+    truncated = [r.get("finish_reason") == "length" for r in records]
+    out = _summary(lengths, correct, truncated)
+    out["num_problems"] = len({r["problem_id"] for r in records})
+    per_level: dict[str, dict] = {}
+    levels = levels if levels is not None else {r["problem_id"]: r.get("level") for r in records}
+    if any(v is not None for v in levels.values()):
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            lvl = levels.get(r["problem_id"], r.get("level"))
+            groups.setdefault("none" if lvl is None else str(lvl), []).append(i)
+        for lvl in sorted(groups, key=_level_sort_key):
+            idx = groups[lvl]
+            stats = _summary(
+                [lengths[i] for i in idx], [correct[i] for i in idx], [truncated[i] for i in idx]
+            )
+            stats["num_problems"] = len({records[i]["problem_id"] for i in idx})
+            per_level[lvl] = stats
+    out["per_level"] = per_level
+    out["lengths"] = lengths
+    return out
+
+
+def _level_sort_key(level: str) -> tuple:
+    digits = "".join(c for c in level if c.isdigit())
+    return (0, int(digits), level) if digits else (1, 0, level)
