@@ -213,7 +213,8 @@ def test_signature_reward_and_grading():
 
 
 def test_keyword_only_and_keyword_names_callable():
-    hidden, weight, labels, old, adv = make_rows(b=2, t=3)
+    # on DEVICE, so that backend="auto" below is the Triton backend where there is CUDA
+    hidden, weight, labels, old, adv = (_dev(x) for x in make_rows(b=2, t=3))
     with pytest.raises(TypeError):
         linear_logprobs(hidden, weight, labels, 1.0)  # temperature is keyword-only
     out = linear_logprobs(hidden=hidden, weight=weight, labels=labels, temperature=1.0, ignore_index=-100)
@@ -687,6 +688,7 @@ def test_non_contiguous_inputs(backend):
     h_nc = hidden.transpose(0, 1).contiguous().transpose(0, 1)
     w_nc = weight.t().contiguous().t()
     assert not h_nc.is_contiguous() and not w_nc.is_contiguous()
+    assert not _dev(h_nc).is_contiguous() and not _dev(w_nc).is_contiguous()  # ``.to`` keeps the strides
     lp = logprobs(h_nc, w_nc, labels, backend=backend)
     assert torch.allclose(lp.double(), ref_logps(hidden, weight, labels), atol=1e-5)
     check_loss_against_ref(h_nc, w_nc, labels, old, adv, backend, reduction="token_mean")

@@ -3,6 +3,10 @@
 FLOP budget (docs/design.md): forward-only log-probs 2*N*H*V; loss forward+backward with a frozen head
 4*N*H*V at every importance level; with a trainable head 8*N*H*V. Memory: O(N*H + C*V), below the N x V
 float32 logits a naive implementation materialises (several times).
+
+The FLOP counts run on DEVICE (CUDA when there is one, where the Triton backend is counted too: its GEMMs
+are torch ops, its row kernels do no matmul). The live-bytes meter runs on the CPU everywhere; on CUDA the
+allocator's peak statistics check the same bound at realistic sizes.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import weakref
 
 import pytest
 import torch
+from kernel_utils import DEVICE, requires_cuda, to_device
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
@@ -20,16 +25,19 @@ from o1pruner.kernels.reference import reference_logprobs
 
 B, T, H, V = 4, 16, 32, 257
 NHV = B * T * H * V
+# The Triton backend's FLOPs are counted on CUDA only: under the interpreter it would only add CPU time.
+BACKENDS = ["torch", pytest.param("triton", marks=[pytest.mark.triton, requires_cuda])]
 
 
 def _batch(trainable: bool, seed: int = 0):
+    """Drawn on the CPU, returned on DEVICE (hidden and weight as leaves)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
     weight = torch.randn(V, H, generator=g).requires_grad_(trainable)
     labels = torch.randint(0, V, (B, T), generator=g)
     old = torch.randn(B, T, generator=g) - 6.0
     adv = torch.randn(B, 1, generator=g).expand(B, T)
-    return hidden, weight, labels, old, adv
+    return tuple(to_device(x) for x in (hidden, weight, labels, old, adv))
 
 
 def _flops(fn) -> int:
@@ -38,19 +46,21 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def test_forward_only_logprobs_costs_2nhv():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_only_logprobs_costs_2nhv(backend):
     hidden, weight, labels, _, _ = _batch(False)
-    flops = _flops(lambda: linear_logprobs(hidden.detach(), weight, labels, backend="torch", chunk_size=10))
+    flops = _flops(lambda: linear_logprobs(hidden.detach(), weight, labels, backend=backend, chunk_size=10))
     assert flops == 2 * NHV
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", IMPORTANCE_LEVELS)
-def test_frozen_head_loss_forward_backward_costs_4nhv(level):
+def test_frozen_head_loss_forward_backward_costs_4nhv(level, backend):
     hidden, weight, labels, old, adv = _batch(False)
 
     def step():
         out = linear_ppo_loss(
-            hidden, weight, labels, old, adv, importance_level=level, backend="torch", chunk_size=10
+            hidden, weight, labels, old, adv, importance_level=level, backend=backend, chunk_size=10
         )
         out.loss.backward()
 
@@ -59,13 +69,14 @@ def test_frozen_head_loss_forward_backward_costs_4nhv(level):
     assert flops >= 3.9 * NHV  # the count sees the GEMMs at all
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", IMPORTANCE_LEVELS)
-def test_trainable_head_loss_forward_backward_costs_8nhv(level):
+def test_trainable_head_loss_forward_backward_costs_8nhv(level, backend):
     hidden, weight, labels, old, adv = _batch(True)
 
     def step():
         out = linear_ppo_loss(
-            hidden, weight, labels, old, adv, importance_level=level, backend="torch", chunk_size=10
+            hidden, weight, labels, old, adv, importance_level=level, backend=backend, chunk_size=10
         )
         out.loss.backward()
 
@@ -73,10 +84,11 @@ def test_trainable_head_loss_forward_backward_costs_8nhv(level):
     assert 7.9 * NHV <= flops <= 8.1 * NHV, flops / NHV
 
 
-def test_ignored_tokens_are_not_computed():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_tokens_are_not_computed(backend):
     hidden, weight, labels, _, _ = _batch(False)
     labels[:, T // 2 :] = -100
-    flops = _flops(lambda: linear_logprobs(hidden.detach(), weight, labels, backend="torch", chunk_size=10))
+    flops = _flops(lambda: linear_logprobs(hidden.detach(), weight, labels, backend=backend, chunk_size=10))
     assert flops == NHV  # half the tokens, forward only
 
 
@@ -111,6 +123,7 @@ def _peak_bytes(fn) -> int:
 
 
 def test_peak_memory_stays_below_the_logits():
+    """CPU tensors on every machine: the meter sees the storages of CPU ops only."""
     g = torch.Generator().manual_seed(1)
     n, h, v, chunk = 512, 16, 2000, 32
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
@@ -136,3 +149,32 @@ def test_peak_memory_stays_below_the_logits():
     assert fused_peak < logits_bytes / 4, (fused_peak, logits_bytes)
     assert fused_peak < 2 * n * h * 4 + 6 * chunk * v * 4 + 64 * 1024, fused_peak
     hidden.grad = None
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_cuda_peak_memory_stays_below_the_logits(backend):
+    """Allocator statistics at realistic sizes: 4096 tokens, H=256, V=32000, bf16, frozen head, C=128."""
+    g = torch.Generator().manual_seed(2)
+    n, h, v, chunk = 4096, 256, 32000, 128
+    hidden = to_device(torch.randn(n, h, generator=g).bfloat16().requires_grad_())
+    weight = to_device((torch.randn(v, h, generator=g) * 0.1).bfloat16())
+    labels = to_device(torch.randint(0, v, (n,), generator=g))
+    old = to_device(torch.randn(n, generator=g) - 10.0)
+    adv = torch.ones(n, device=DEVICE)
+    logits_bytes = n * v * 4  # one float32 N x V tensor: 524 MB
+
+    def step():
+        out = linear_ppo_loss(hidden, weight, labels, old, adv, backend=backend, chunk_size=chunk)
+        out.loss.backward()
+        hidden.grad = None
+
+    step()  # warm-up: compiles the kernels and allocates the cuBLAS workspace outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # O(N*H + C*V): D, grad_h (N*H*2 = 2 MB each) and a few C x V tiles (8 MB in bf16, 16 MB in float32).
+    assert chunk * v * 2 <= extra < logits_bytes / 4, (extra, logits_bytes)

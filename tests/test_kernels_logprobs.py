@@ -2,7 +2,9 @@
 
 Every test runs with the kernels' uninitialised output buffers poisoned with NaN (autouse fixture), so an
 element a kernel forgets to write shows up as a mismatch. Triton runs under TRITON_INTERPRET=1 on a CPU
-(set by conftest.py), with BLOCK_V=64 so that V=203 spans 4 blocks, the last one partial.
+(set by conftest.py), with BLOCK_V=64 so that V=203 spans 4 blocks, the last one partial. On a CUDA
+machine the same inputs (drawn on the CPU) run on the GPU, compiled, and realistic shapes are added; the
+float64 references always run on the CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import zlib
 
 import pytest
 import torch
+from kernel_utils import DEVICE, cpu64, nan_empty, rel_err, requires_cuda, to_device
 
 from o1pruner.kernels import _common, linear_logprobs
 from o1pruner.kernels.reference import reference_logprobs
@@ -24,55 +27,48 @@ H, V = 16, 203
 TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (3e-2, 6e-2), torch.float16: (3e-2, 6e-2)}
 
 
-def _nan_empty(*shape, dtype, device):
-    t = torch.empty(*shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
-
-
 @pytest.fixture(autouse=True)
 def _poison_and_small_blocks(monkeypatch):
-    monkeypatch.setattr(lp_mod, "_empty", _nan_empty)
+    monkeypatch.setattr(lp_mod, "_empty", nan_empty)
     monkeypatch.setenv("O1PRUNER_KERNEL_BLOCK_V", "64")
     monkeypatch.delenv("O1PRUNER_KERNEL_CHUNK_TOKENS", raising=False)
 
 
-def _inputs(seed: int, dtype, shape=(3, 13), trainable=False):
+def _inputs(seed: int, dtype, shape=(3, 13), trainable=False, h=H, v=V, w_scale=0.4):
+    """Leaves hidden (*shape, h) and weight (v, h) and labels on DEVICE; values drawn on the CPU."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, H, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype).requires_grad_(trainable)
-    labels = torch.randint(0, V, shape, generator=g)
+    hidden = torch.randn(*shape, h, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * w_scale).to(dtype).requires_grad_(trainable)
+    labels = torch.randint(0, v, shape, generator=g)
     flat = labels.view(-1)
     flat[torch.randperm(flat.numel(), generator=g)[: flat.numel() // 4]] = -100
-    flat[0] = V - 1  # the last vocabulary entry, inside the partial block
-    return hidden, weight, labels
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12))
+    flat[0] = v - 1  # the last vocabulary entry, inside the partial block
+    return to_device(hidden), to_device(weight), to_device(labels)
 
 
 def _check(hidden, weight, labels, backend, temperature, chunk_size, dtype):
     out = linear_logprobs(
         hidden, weight, labels, temperature=temperature, backend=backend, chunk_size=chunk_size
     )
-    assert out.dtype == torch.float32 and out.shape == labels.shape
+    assert out.dtype == torch.float32 and out.shape == labels.shape and out.device == hidden.device
     assert torch.all(out[labels == -100] == 0.0)
     g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(7))
-    (out * g).sum().backward()
-    h64 = hidden.detach().double().requires_grad_()
-    w64 = weight.detach().double().requires_grad_(weight.requires_grad)
-    ref = reference_logprobs(h64, w64, labels, temperature=temperature)
+    (out * g.to(out.device)).sum().backward()
+    h64 = cpu64(hidden, True)
+    w64 = cpu64(weight, weight.requires_grad)
+    ref = reference_logprobs(h64, w64, labels.cpu(), temperature=temperature)
     (ref * g.double()).sum().backward()
     tol_val, tol_grad = TOL[dtype]
     assert torch.isfinite(out).all()
-    err = (out.double() - ref.detach()).abs().max().item()
+    err = (out.detach().cpu().double() - ref.detach()).abs().max().item()
     assert err <= tol_val * max(1.0, ref.detach().abs().max().item()), err
-    assert hidden.grad.dtype == hidden.dtype and torch.isfinite(hidden.grad).all()
-    assert _rel(hidden.grad, h64.grad) <= tol_grad
+    assert hidden.grad.dtype == hidden.dtype and hidden.grad.device == hidden.device
+    assert torch.isfinite(hidden.grad).all()
+    assert rel_err(hidden.grad, h64.grad) <= tol_grad
     assert torch.all(hidden.grad[labels == -100] == 0)
     if weight.requires_grad:
-        assert weight.grad.dtype == weight.dtype
-        assert _rel(weight.grad, w64.grad) <= tol_grad
+        assert weight.grad.dtype == weight.dtype and weight.grad.device == weight.device
+        assert rel_err(weight.grad, w64.grad) <= tol_grad
 
 
 _TORCH_GRID = list(
@@ -104,10 +100,21 @@ def test_triton_backend_matches_reference(dtype, temperature, trainable, shape):
     _check(hidden, weight, labels, "triton", temperature, 5, dtype)
 
 
+@pytest.mark.triton
+@requires_cuda
+@pytest.mark.parametrize(("trainable", "temperature"), [(False, 1.0), (True, 0.7)])
+def test_triton_realistic_shapes_on_cuda(trainable, temperature, monkeypatch):
+    """bf16, H=256, V=32011 (no multiple of a block), 1011 tokens (759 valid: 3 chunks), default BLOCK_V."""
+    monkeypatch.delenv(lp_mod.BLOCK_V_ENV)
+    # weight scale 0.1: logits with a std of ~1.6, as a language model's, not the tiny tests' ~6
+    hidden, weight, labels = _inputs(21, torch.bfloat16, (3, 337), trainable, h=256, v=32011, w_scale=0.1)
+    _check(hidden, weight, labels, "triton", temperature, 256, torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_forward_only_and_chunking_agree(backend, monkeypatch):
     hidden, weight, labels = _inputs(3, torch.float32, (2, 11))
-    ref = reference_logprobs(hidden.detach(), weight.detach(), labels)
+    ref = reference_logprobs(hidden.detach().cpu(), weight.detach().cpu(), labels.cpu())
     with torch.no_grad():
         a = linear_logprobs(hidden, weight, labels, backend=backend, chunk_size=1)
     b = linear_logprobs(hidden.detach(), weight, labels, backend=backend, chunk_size=1000)
@@ -115,31 +122,51 @@ def test_forward_only_and_chunking_agree(backend, monkeypatch):
     c = linear_logprobs(hidden.detach(), weight, labels, backend=backend)
     for x in (a, b, c):
         assert not x.requires_grad
-        torch.testing.assert_close(x.double(), ref, rtol=0, atol=2e-5)
+        assert x.device == hidden.device
+        torch.testing.assert_close(x.cpu().double(), ref, rtol=0, atol=2e-5)
 
 
 def test_all_ignored_and_empty_inputs():
     hidden, weight, labels = _inputs(5, torch.float32, (2, 4))
     labels.fill_(-100)
     out = linear_logprobs(hidden, weight, labels, backend="torch")
-    assert torch.equal(out, torch.zeros(2, 4))
+    assert torch.equal(out, torch.zeros(2, 4, device=DEVICE))
     out.sum().backward()
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
-    empty = linear_logprobs(torch.zeros(0, H), weight, torch.zeros(0, dtype=torch.long), backend="torch")
-    assert empty.shape == (0,)
+    empty = linear_logprobs(
+        torch.zeros(0, H, device=DEVICE),
+        weight,
+        torch.zeros(0, dtype=torch.long, device=DEVICE),
+        backend="torch",
+    )
+    assert empty.shape == (0,) and empty.device == hidden.device
 
 
 def test_custom_ignore_index_and_int32_labels():
     hidden, weight, labels = _inputs(6, torch.float32, (17,))
     labels[labels == -100] = 0
-    ref = reference_logprobs(hidden.detach(), weight, labels, ignore_index=0)
+    ref = reference_logprobs(hidden.detach().cpu(), weight.cpu(), labels.cpu(), ignore_index=0)
     out = linear_logprobs(hidden, weight, labels.int(), ignore_index=0, backend="torch")
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.detach().cpu().double(), ref, rtol=0, atol=2e-5)
     assert torch.all(out[labels == 0] == 0.0)
 
 
 def test_auto_backend_on_cpu_is_torch():
     assert _common.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@requires_cuda
+def test_auto_backend_on_cuda_is_triton():
+    assert _common.resolve_backend("auto", DEVICE) == "triton"
+
+
+@requires_cuda
+def test_inputs_on_two_devices_are_a_clear_error():
+    hidden, weight, labels = _inputs(12, torch.float32, (5,))
+    with pytest.raises(ValueError, match="one device"):
+        linear_logprobs(hidden, weight.cpu(), labels)
+    with pytest.raises(ValueError, match="one device"):
+        linear_logprobs(hidden, weight, labels.cpu())
 
 
 @pytest.mark.parametrize(
@@ -173,7 +200,7 @@ def test_bad_shapes_and_labels():
 
 def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_common, "triton_interpreted", lambda: False)
-    hidden, weight, labels = _inputs(10, torch.float32, (5,))
+    hidden, weight, labels = (x.cpu() for x in _inputs(10, torch.float32, (5,)))  # CPU tensors on any machine
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         linear_logprobs(hidden, weight, labels, backend="triton")
 
@@ -186,4 +213,4 @@ def test_bad_chunk_env(monkeypatch):
 
 
 def test_poison_fixture_is_active():
-    assert lp_mod._empty is _nan_empty
+    assert lp_mod._empty is nan_empty

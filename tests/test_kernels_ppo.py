@@ -2,7 +2,8 @@
 
 Inputs are awkward on purpose: V=203 with BLOCK_V=64, chunks of 5 tokens so sequences span chunks, a
 one-token sequence, an all-ignored sequence, scattered ignored tokens. Output buffers of both kernels
-are poisoned with NaN (autouse fixture).
+are poisoned with NaN (autouse fixture). Inputs are drawn on the CPU and run on DEVICE (CUDA when there is
+one, where realistic shapes are added); the float64 references always run on the CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import zlib
 
 import pytest
 import torch
+from kernel_utils import DEVICE, cpu64, nan_empty, rel_err, requires_cuda, to_device
 
 from o1pruner.kernels import IMPORTANCE_LEVELS, REDUCTIONS, PPOLossOutput, linear_ppo_loss
 from o1pruner.kernels.reference import reference_logprobs, reference_ppo_loss
@@ -24,15 +26,10 @@ H, V, B, T = 16, 203, 5, 9
 TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (3e-2, 6e-2), torch.float16: (3e-2, 6e-2)}
 
 
-def _nan_empty(*shape, dtype, device):
-    t = torch.empty(*shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
-
-
 @pytest.fixture(autouse=True)
 def _poison_and_small_blocks(monkeypatch):
-    monkeypatch.setattr(lp_mod, "_empty", _nan_empty)
-    monkeypatch.setattr(ppo_mod, "_empty", _nan_empty)
+    monkeypatch.setattr(lp_mod, "_empty", nan_empty)
+    monkeypatch.setattr(ppo_mod, "_empty", nan_empty)
     monkeypatch.setenv("O1PRUNER_KERNEL_BLOCK_V", "64")
     monkeypatch.delenv("O1PRUNER_KERNEL_CHUNK_TOKENS", raising=False)
 
@@ -46,11 +43,23 @@ def _seed(*key) -> int:
 _LOG_RATIOS = torch.tensor([-0.6, -0.1, 0.0, 0.08, 0.5])
 
 
-def _inputs(seed: int, dtype, trainable: bool, temperature: float, level: str = "token"):
-    """Padded (B, T, H) batch with awkward masks; old log-probs chosen so that some ratios are clipped."""
+def _inputs(
+    seed: int,
+    dtype,
+    trainable: bool,
+    temperature: float,
+    level: str = "token",
+    size=(B, T, H, V),
+    w_scale=0.4,
+):
+    """Padded (B, T, H) batch with awkward masks; old log-probs chosen so that some ratios are clipped.
+
+    Drawn on the CPU (``size`` = (B >= 5, T >= 8, H, V)); returned on DEVICE, hidden and weight as leaves.
+    """
+    B, T, H, V = size
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype).requires_grad_(trainable)
+    weight = (torch.randn(V, H, generator=g) * w_scale).to(dtype).requires_grad_(trainable)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[0, 7:] = -100  # right padding
     labels[1, 1:] = -100  # a one-token sequence
@@ -73,48 +82,55 @@ def _inputs(seed: int, dtype, trainable: bool, temperature: float, level: str = 
     adv = torch.randn(B, 1, generator=g).expand(B, T).clone()
     adv[4] = 0.0  # A = 0: no loss, no gradient
     adv[~valid] = float("nan")  # advantages at ignored tokens are ignored too
-    return hidden, weight, labels, old, adv
+    return tuple(to_device(x) for x in (hidden, weight, labels, old, adv))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12))
-
-
-def _run_and_compare(backend, level, reduction, dtype, temperature, trainable, seed):
-    hidden, weight, labels, old, adv = _inputs(seed, dtype, trainable, temperature, level)
+def _run_and_compare(
+    backend,
+    level,
+    reduction,
+    dtype,
+    temperature,
+    trainable,
+    seed,
+    size=(B, T, H, V),
+    w_scale=0.4,
+    chunk_size=5,
+):
+    hidden, weight, labels, old, adv = _inputs(seed, dtype, trainable, temperature, level, size, w_scale)
     out = linear_ppo_loss(
         hidden, weight, labels, old, adv, importance_level=level, reduction=reduction,
-        temperature=temperature, backend=backend, chunk_size=5,
+        temperature=temperature, backend=backend, chunk_size=chunk_size,
     )  # fmt: skip
     assert isinstance(out, PPOLossOutput)
     for x in (out.loss, out.clip_fraction, out.mean_ratio):
-        assert x.dtype == torch.float32 and x.shape == ()
+        assert x.dtype == torch.float32 and x.shape == () and x.device == hidden.device
     assert (
         out.logps.dtype == torch.float32 and out.logps.shape == labels.shape and not out.logps.requires_grad
     )
     assert not out.clip_fraction.requires_grad and not out.mean_ratio.requires_grad
     out.loss.backward()
 
-    h64 = hidden.detach().double().requires_grad_()
-    w64 = weight.detach().double().requires_grad_(trainable)
+    h64, w64 = cpu64(hidden, True), cpu64(weight, trainable)
     ref = reference_ppo_loss(
-        h64, w64, labels, old, adv, importance_level=level, reduction=reduction, temperature=temperature
-    )
+        h64, w64, labels.cpu(), old.cpu(), adv.cpu(), importance_level=level, reduction=reduction,
+        temperature=temperature,
+    )  # fmt: skip
     ref["loss"].backward()
     tol_loss, tol_grad = TOL[dtype]
     ref_loss = float(ref["loss"].detach())
     # Relative to the size of one loss term (~|A|): the mean can be near 0 by cancellation.
     scale = max(abs(ref_loss), float(adv[labels != -100].abs().mean()))
     assert abs(float(out.loss.detach()) - ref_loss) <= tol_loss * scale, (float(out.loss.detach()), ref_loss)
-    torch.testing.assert_close(out.logps.double(), ref["logps"].detach(), rtol=0, atol=tol_loss)
+    torch.testing.assert_close(out.logps.cpu().double(), ref["logps"].detach(), rtol=0, atol=tol_loss)
     assert torch.all(out.logps[labels == -100] == 0.0)
     assert abs(float(out.clip_fraction) - float(ref["clip_fraction"])) <= 1e-6
     assert abs(float(out.mean_ratio) - float(ref["mean_ratio"])) <= tol_loss * float(ref["mean_ratio"])
-    assert torch.isfinite(hidden.grad).all()
-    assert _rel(hidden.grad, h64.grad) <= tol_grad
+    assert hidden.grad.device == hidden.device and torch.isfinite(hidden.grad).all()
+    assert rel_err(hidden.grad, h64.grad) <= tol_grad
     assert torch.all(hidden.grad[labels == -100] == 0)
     if trainable:
-        assert _rel(weight.grad, w64.grad) <= tol_grad
+        assert rel_err(weight.grad, w64.grad) <= tol_grad
     return out
 
 
@@ -163,6 +179,30 @@ def test_triton_backend_matches_reference(level, reduction, dtype, temperature, 
     _run_and_compare("triton", level, reduction, dtype, temperature, trainable, seed)
 
 
+# The "sequence" level runs in float32: its log-ratio sums ~125 per-token log-probs, and the rounding of bf16
+# logits (~5e-3 per token) moves that sum by ~0.07 against the float64 reference, i.e. the ratio by ~7% and
+# the loss by up to ~2.5% of |A| (measured on the CPU), too close to the bf16 tolerance of 3%.
+_CUDA_GRID = [
+    ("token", "token_mean", torch.bfloat16, 1.0, True),
+    ("sequence_geomean", "sequence_mean", torch.bfloat16, 1.0, False),
+    ("sequence", "sequence_mean", torch.float32, 0.7, True),
+]
+
+
+@pytest.mark.triton
+@requires_cuda
+@pytest.mark.parametrize(("level", "reduction", "dtype", "temperature", "trainable"), _CUDA_GRID)
+def test_triton_realistic_shapes_on_cuda(level, reduction, dtype, temperature, trainable, monkeypatch):
+    """8 x 125 tokens, H=256, V=32011 (not a multiple of any block), chunks of 256, the default BLOCK_V."""
+    monkeypatch.delenv(lp_mod.BLOCK_V_ENV)
+    seed = _seed(level, reduction, dtype, temperature, trainable, "cuda")
+    # weight scale 0.1: logits with a std of ~1.6, as a language model's, not the tiny tests' ~6
+    _run_and_compare(
+        "triton", level, reduction, dtype, temperature, trainable, seed, size=(8, 125, 256, 32011),
+        w_scale=0.1, chunk_size=256,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("level", IMPORTANCE_LEVELS)
 def test_packed_with_shuffled_ids_equals_padded(backend, level):
@@ -174,8 +214,8 @@ def test_packed_with_shuffled_ids_equals_padded(backend, level):
     hidden.grad = weight.grad = None
 
     g = torch.Generator().manual_seed(1)
-    perm = torch.randperm(B * T, generator=g)  # tokens of one sequence end up scattered
-    ids = torch.tensor([17, 3, 42, 0, 9])[torch.arange(B).repeat_interleave(T)]
+    perm = torch.randperm(B * T, generator=g).to(DEVICE)  # tokens of one sequence end up scattered
+    ids = torch.tensor([17, 3, 42, 0, 9])[torch.arange(B).repeat_interleave(T)].to(DEVICE)
     h2 = hidden.detach().reshape(B * T, H)[perm].requires_grad_()
     packed = linear_ppo_loss(
         h2, weight, labels.reshape(-1)[perm], old.reshape(-1)[perm], adv.reshape(-1)[perm],
@@ -195,13 +235,16 @@ def test_packed_with_shuffled_ids_equals_padded(backend, level):
 def test_extreme_log_ratios_are_finite(backend, level):
     """|log-ratio| up to 50 (per token, or per sequence at the "sequence" level): finite, and as reference."""
     hidden, weight, labels, _, _ = _inputs(_seed("extreme", level), torch.float32, False, 1.0)
-    cur = reference_logprobs(hidden.detach(), weight, labels).float()
-    n_valid = (labels != -100).sum(1, keepdim=True).clamp(min=1)
+    labels_cpu = labels.cpu()
+    cur = reference_logprobs(hidden.detach().cpu(), weight.cpu(), labels_cpu).float()
+    n_valid = (labels_cpu != -100).sum(1, keepdim=True).clamp(min=1)
     sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0]).unsqueeze(1)
     per_tok = 50.0 / n_valid if level == "sequence" else torch.full((B, 1), 50.0)
-    old = cur - sign * per_tok  # d = +-50 (or the sum is +-50)
+    old_cpu = cur - sign * per_tok  # d = +-50 (or the sum is +-50)
+    old = old_cpu.to(DEVICE)
     for adv_row in ([2.0, -1.5, 0.0, 1.0, 0.0], [-2.0, 1.5, 1.0, -1.0, -0.5], [0.0] * 5):
-        adv = torch.tensor(adv_row).unsqueeze(1).expand(B, T).contiguous()
+        adv_cpu = torch.tensor(adv_row).unsqueeze(1).expand(B, T).contiguous()
+        adv = adv_cpu.to(DEVICE)
         h = hidden.detach().requires_grad_()
         out = linear_ppo_loss(
             h, weight, labels, old, adv, importance_level=level, backend=backend, chunk_size=7
@@ -209,8 +252,8 @@ def test_extreme_log_ratios_are_finite(backend, level):
         out.loss.backward()
         assert torch.isfinite(out.loss) and torch.isfinite(h.grad).all()
         assert torch.isfinite(out.mean_ratio) and torch.isfinite(out.clip_fraction)
-        h64 = hidden.detach().double().requires_grad_()
-        ref = reference_ppo_loss(h64, weight.double(), labels, old, adv, importance_level=level)
+        h64 = cpu64(hidden, True)
+        ref = reference_ppo_loss(h64, cpu64(weight), labels_cpu, old_cpu, adv_cpu, importance_level=level)
         assert abs(out.loss.item() - ref["loss"].item()) <= 1e-4 * max(abs(ref["loss"].item()), 1.0)
 
 
@@ -228,11 +271,11 @@ def test_no_valid_token_gives_zero_loss(backend):
 
 def test_two_dim_hidden_without_seq_ids_is_one_sequence():
     hidden, weight, labels, old, adv = _inputs(6, torch.float32, False, 1.0)
-    adv = torch.full((B, T), 0.7)
+    adv = torch.full((B, T), 0.7, device=DEVICE)
     a = linear_ppo_loss(hidden.reshape(B * T, H), weight, labels.reshape(-1), old.reshape(-1), adv.reshape(-1),
                         importance_level="sequence_geomean", backend="torch")  # fmt: skip
     b = linear_ppo_loss(hidden, weight, labels, old, adv, importance_level="sequence_geomean", backend="torch",
-                        seq_ids=torch.zeros(B, T, dtype=torch.long))  # fmt: skip
+                        seq_ids=torch.zeros(B, T, dtype=torch.long, device=DEVICE))  # fmt: skip
     torch.testing.assert_close(a.loss, b.loss)
 
 
@@ -254,11 +297,11 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="old_logps shape"):
         linear_ppo_loss(hidden, weight, labels, old[:, :-1], adv)
     with pytest.raises(ValueError, match="seq_ids shape"):
-        call(seq_ids=torch.zeros(B, dtype=torch.long))
+        call(seq_ids=torch.zeros(B, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="seq_ids must be non-negative"):
-        call(seq_ids=torch.full((B, T), -1))
+        call(seq_ids=torch.full((B, T), -1, device=DEVICE))
     with pytest.raises(ValueError, match="seq_ids must be an integer"):
-        call(seq_ids=torch.zeros(B, T))
+        call(seq_ids=torch.zeros(B, T, device=DEVICE))
     with pytest.raises(ValueError, match="weight"):
         linear_ppo_loss(hidden, weight[:, :3], labels, old, adv)
 
@@ -280,16 +323,16 @@ def test_advantage_must_be_constant_per_sequence_at_sequence_levels(backend):
 def test_clip_fraction_and_ratio_on_a_hand_made_case():
     """One frozen token per sequence with known log-ratios: r = e^0.5 (A>0 clipped), e^-0.5 (A<0 clipped),
     e^0.1 (A>0 not clipped); loss = -(1.2*1 + 0.8*(-1) + e^0.1*2)/3 at every level."""
-    hidden = torch.zeros(3, 1, H, requires_grad=True)
-    weight = torch.zeros(V, H)
-    labels = torch.zeros(3, 1, dtype=torch.long)
+    hidden = torch.zeros(3, 1, H, device=DEVICE, requires_grad=True)
+    weight = torch.zeros(V, H, device=DEVICE)
+    labels = torch.zeros(3, 1, dtype=torch.long, device=DEVICE)
     logp = -torch.log(torch.tensor(float(V)))
-    old = (logp - torch.tensor([0.5, -0.5, 0.1])).reshape(3, 1)
-    adv = torch.tensor([1.0, -1.0, 2.0]).reshape(3, 1)
+    old = (logp - torch.tensor([0.5, -0.5, 0.1])).reshape(3, 1).to(DEVICE)
+    adv = torch.tensor([1.0, -1.0, 2.0]).reshape(3, 1).to(DEVICE)
     expect = -(1.2 - 0.8 + 2 * torch.exp(torch.tensor(0.1))) / 3
     for level in IMPORTANCE_LEVELS:
         out = linear_ppo_loss(hidden, weight, labels, old, adv, importance_level=level, backend="torch")
-        torch.testing.assert_close(out.loss, expect)
-        torch.testing.assert_close(out.clip_fraction, torch.tensor(2 / 3))
+        torch.testing.assert_close(out.loss.detach().cpu(), expect)
+        torch.testing.assert_close(out.clip_fraction.cpu(), torch.tensor(2 / 3))
         expect_ratio = torch.exp(torch.tensor([0.5, -0.5, 0.1])).mean()
-        torch.testing.assert_close(out.mean_ratio, expect_ratio)
+        torch.testing.assert_close(out.mean_ratio.cpu(), expect_ratio)
