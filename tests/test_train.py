@@ -16,6 +16,7 @@ from helpers import make_tiny_model
 from o1pruner.io import DataError, read_jsonl
 from o1pruner.modeling import last_hidden_states, lm_head_weight, load_model
 from o1pruner.packing import collate_padded
+from o1pruner.scoring import SCHEMA
 from o1pruner.train import TrainConfig, Trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,21 +78,7 @@ def make_scored(path, model, n=11, seed=0, noise=0.3):
         cols["ref_accuracy"].append(0.5)
         cols["reward"].append(float(rng.normal()))
         cols["advantage"].append(float(rng.normal()))
-    schema = pa.schema(
-        [
-            ("problem_id", pa.string()),
-            ("sample_index", pa.int32()),
-            ("prompt_ids", pa.list_(pa.int32())),
-            ("response_ids", pa.list_(pa.int32())),
-            ("ref_logps", pa.list_(pa.float32())),
-            ("length", pa.int32()),
-            ("correct", pa.bool_()),
-            ("ref_mean_length", pa.float64()),
-            ("ref_accuracy", pa.float64()),
-            ("reward", pa.float64()),
-            ("advantage", pa.float64()),
-        ]
-    )
+    schema = SCHEMA
     pq.write_table(pa.table(cols, schema=schema), path)
     return path
 
