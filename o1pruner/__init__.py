@@ -7,7 +7,7 @@ The public API is re-exported here; heavy submodules are imported on first use, 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -57,17 +57,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(__all__)
 
-
-if TYPE_CHECKING:  # pragma: no cover
-    from o1pruner.config import PipelineConfig
-    from o1pruner.data import Problem, load_problems
-    from o1pruner.evaluate import EvalConfig, evaluate_model
-    from o1pruner.grading import extract_answer, is_correct
-    from o1pruner.kernels import PPOLossOutput, linear_logprobs, linear_ppo_loss
-    from o1pruner.modeling import last_hidden_states, load_model
-    from o1pruner.pipeline import run_pipeline
-    from o1pruner.prompts import build_prompt, encode_prompt
-    from o1pruner.reward import aes, length_harmonizing_reward, postprocess_rewards
-    from o1pruner.sampling import SamplingConfig, sample_problems
-    from o1pruner.scoring import ScoringConfig, build_training_set
-    from o1pruner.train import Trainer, TrainConfig

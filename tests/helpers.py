@@ -27,7 +27,10 @@ def make_char_tokenizer(chat_template: bool = True):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
         additional_special_tokens=SPECIAL_TOKENS[3:],
     )
     if chat_template:
@@ -35,9 +38,18 @@ def make_char_tokenizer(chat_template: bool = True):
     return fast
 
 
-def make_tiny_model(path: str | Path, arch: str = "qwen2", *, hidden: int = 32, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, seed: int = 0, chat_template: bool = True,
-                    tie_word_embeddings: bool = False) -> Path:
+def make_tiny_model(
+    path: str | Path,
+    arch: str = "qwen2",
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    chat_template: bool = True,
+    tie_word_embeddings: bool = False,
+) -> Path:
     """Save a random tiny Qwen2 or Llama causal LM with a char tokenizer to ``path``; returns the path."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -45,10 +57,16 @@ def make_tiny_model(path: str | Path, arch: str = "qwen2", *, hidden: int = 32, 
     tokenizer = make_char_tokenizer(chat_template)
     cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
     config = cls(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)

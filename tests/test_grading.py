@@ -36,7 +36,11 @@ CASES = [
     # no </think>: the whole response counts (METHOD.md: "the last \boxed{} (after any </think>)")
     ("<think>Let me compute 15+3 = 18, so \\boxed{18} is likely. But wait", "18", True),
     # a statement followed by more reasoning is not a closing answer (cut off at the token limit)
-    ("Maybe the answer is 42. Wait, that was a guess; let me check it carefully by another method: 6*7 = ", "42", False),
+    (
+        "Maybe the answer is 42. Wait, that was a guess; let me check it carefully by another method: 6*7 = ",
+        "42",
+        False,
+    ),
     ("So the final answer is 42. I hope it is correct.", "42", True),
     # cut off / no final answer
     ("Therefore the answer is \\boxed{\\frac{1}{", "\\frac{1}{2}", False),

@@ -14,8 +14,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import make_tiny_model
-from o1pruner.data import Problem
 
+from o1pruner.data import Problem
 from o1pruner.io import DataError
 from o1pruner.modeling import load_model
 from o1pruner.prompts import encode_prompt
