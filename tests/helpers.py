@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import torch
@@ -15,17 +14,22 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<|system|>", "<|user|>", "<|assist
 
 
 def make_char_tokenizer(chat_template: bool = True):
-    """A character-level PreTrainedTokenizerFast over printable ASCII plus chat special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level PreTrainedTokenizerFast (one token per byte, no merges) plus chat special tokens.
+
+    Byte-level, like the real Qwen2 and Llama 3 tokenizers: transformers 5 reloads any tokenizer saved
+    next to a Qwen2 config as ``Qwen2Tokenizer``, which re-applies byte-level pre-tokenization; a
+    WordLevel character vocabulary would then silently lose every space and newline.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
-    chars = [c for c in string.printable if c not in "\x0b\x0c"]
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for c in chars:
+    for c in sorted(ByteLevel.alphabet()):
         vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -49,6 +53,7 @@ def make_tiny_model(
     seed: int = 0,
     chat_template: bool = True,
     tie_word_embeddings: bool = False,
+    stop_prob: float | None = None,
 ) -> Path:
     """Save a random tiny Qwen2 or Llama causal LM with a char tokenizer to ``path``; returns the path."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -57,7 +62,7 @@ def make_tiny_model(
     tokenizer = make_char_tokenizer(chat_template)
     cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
     config = cls(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) + 8,  # room for tokens a reloading class adds (as real checkpoints pad V)
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -71,8 +76,38 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    if stop_prob is not None:
+        _stop_sometimes(model, tokenizer.eos_token_id, stop_prob, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def _stop_sometimes(model, eos_id: int, stop_prob: float, seed: int) -> None:
+    """Make a random model emit EOS with about ``stop_prob`` per step, so sampled lengths vary.
+
+    A random model spreads its mass over the whole vocabulary and almost never stops. The input
+    embeddings of every other ordinary token get a shared direction u, which survives to the last hidden
+    state; the EOS row of the lm_head is set along u, scaled so that EOS follows such a token with about
+    ``stop_prob`` (at temperature 1), and the others rarely. Greedy decoding then stops after a token or
+    two instead of at once.
+    """
+    import math
+
+    if model.config.tie_word_embeddings:
+        raise ValueError("stop_prob needs an untied lm_head")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        u = torch.randn(emb.shape[1], generator=g)
+        u /= u.norm()
+        stoppers = torch.arange(len(SPECIAL_TOKENS), emb.shape[0], 2)
+        emb[stoppers] += emb.std() * math.sqrt(emb.shape[1]) * u
+        ids = stoppers[torch.randint(0, len(stoppers), (4, 32), generator=g)]
+        h = model.get_decoder()(input_ids=ids).last_hidden_state
+        proj = float((h @ u).mean())
+        head = model.get_output_embeddings().weight
+        others = math.log(head.shape[0] - 1)  # the other logits are ~0: log-sum-exp ~ log(V - 1)
+        head[eos_id] = u * (math.log(stop_prob / (1 - stop_prob)) + others) / proj

@@ -53,7 +53,9 @@ def _jsonl(path: Path, rows) -> Path:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model = make_tiny_model(root / "model", seed=0)
+    model = make_tiny_model(
+        root / "model", seed=0, stop_prob=0.02
+    )  # lengths vary (T=0.5): rewards are not all 0
     return {
         "root": root,
         "model": model,
