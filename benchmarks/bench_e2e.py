@@ -35,7 +35,16 @@ import torch
 from torch import nn
 
 from benchmarks.bench_kernels import CLIP, IGNORE_INDEX, parse_choice, parse_tokens
-from benchmarks.common import GIB, RESULTS_DIR, CsvLog, environment, free_memory, is_oom, resolve_device
+from benchmarks.common import (
+    GIB,
+    RESULTS_DIR,
+    CsvLog,
+    apply_quick_defaults,
+    environment,
+    free_memory,
+    is_oom,
+    resolve_device,
+)
 
 # config.json values of the real models (architecture Qwen2ForCausalLM)
 MODEL_CONFIGS: dict[str, dict] = {
@@ -369,15 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
-        defaults = build_parser().parse_args([])
-        if args.models == defaults.models:
-            args.models = "tiny"
-        if args.tokens == defaults.tokens:
-            args.tokens = "128"
-        if args.seq_len == defaults.seq_len:
-            args.seq_len = 32
-        if args.device == "auto":
-            args.device = "cpu"
+        apply_quick_defaults(args, build_parser(), models="tiny", tokens="128", seq_len=32, device="cpu")
         args.steps = min(args.steps, 1)
     return run(args)
 

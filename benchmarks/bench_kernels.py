@@ -36,6 +36,7 @@ from benchmarks.common import (
     MIB,
     RESULTS_DIR,
     CsvLog,
+    apply_quick_defaults,
     environment,
     free_memory,
     is_oom,
@@ -439,15 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
-        defaults = build_parser().parse_args([])
-        if args.providers == defaults.providers:
-            args.providers = "ours-torch,naive"
-        if args.tokens == defaults.tokens:
-            args.tokens = "128,256"
-        if args.seq_len == defaults.seq_len:
-            args.seq_len = 32
-        if args.device == "auto":
-            args.device = "cpu"
+        quick = dict(providers="ours-torch,naive", tokens="128,256", seq_len=32, device="cpu")
+        apply_quick_defaults(args, build_parser(), **quick)
         args.rep_ms = min(args.rep_ms, 20.0)
     if args.heads is None:
         args.heads = ",".join(QUICK_HEADS if args.quick else HEADS)

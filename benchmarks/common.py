@@ -20,6 +20,14 @@ MIB = 1024.0**2
 GIB = 1024.0**3
 
 
+def apply_quick_defaults(args, parser, **quick) -> None:
+    """``--quick``: every option named in ``quick`` that is still at its default takes the tiny CPU value."""
+    defaults = parser.parse_args([])
+    for name, value in quick.items():
+        if getattr(args, name) == getattr(defaults, name):
+            setattr(args, name, value)
+
+
 def package_version(name: str) -> str:
     """Installed version of a distribution, or "" when it is absent."""
     try:
