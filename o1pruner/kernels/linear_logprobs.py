@@ -131,6 +131,21 @@ def _rows(backend: str, *args) -> torch.Tensor:
     return _rows_triton(*args) if backend == "triton" else _rows_torch(*args)
 
 
+def _logit_chunks(h: torch.Tensor, w: torch.Tensor, chunk: int):
+    """Yield (start, end, z) with z = h[start:end] @ w.T written into one reused (chunk, V) buffer."""
+    n = h.shape[0]
+    if n == 0:
+        return
+    c = min(chunk, n)
+    zbuf = _empty(c, w.shape[0], dtype=h.dtype, device=h.device)
+    wt = w.t()
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        z = zbuf[: e - s]
+        torch.matmul(h[s:e], wt, out=z)
+        yield s, e, z
+
+
 def _forward_chunks(
     h: torch.Tensor,
     w: torch.Tensor,
@@ -142,19 +157,9 @@ def _forward_chunks(
     need_d: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logp (N,) float32 and, when ``need_d``, D = d logp / d h (N, H) in h's dtype."""
-    n, _ = h.shape
-    v = w.shape[0]
-    logp = _empty(n, dtype=torch.float32, device=h.device)
+    logp = _empty(h.shape[0], dtype=torch.float32, device=h.device)
     d = _empty(*h.shape, dtype=h.dtype, device=h.device) if need_d else None
-    if n == 0:
-        return logp, d
-    c = min(chunk, n)
-    zbuf = _empty(c, v, dtype=h.dtype, device=h.device)
-    wt = w.t()
-    for s in range(0, n, c):
-        e = min(s + c, n)
-        z = zbuf[: e - s]
-        torch.matmul(h[s:e], wt, out=z)
+    for s, e, z in _logit_chunks(h, w, chunk):
         logp[s:e] = _rows(backend, z, labels[s:e], inv_t, ignore_index, need_d, None)
         if need_d:
             torch.matmul(z, w, out=d[s:e])
@@ -172,18 +177,8 @@ def _weight_grad(
     chunk: int,
 ) -> torch.Tensor:
     """sum_t g_t * d logp_t / d W, recomputing the logits per chunk; float32 accumulation."""
-    n, _ = h.shape
-    v = w.shape[0]
     gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-    if n == 0:
-        return gw.to(w.dtype)
-    c = min(chunk, n)
-    zbuf = _empty(c, v, dtype=h.dtype, device=h.device)
-    wt = w.t()
-    for s in range(0, n, c):
-        e = min(s + c, n)
-        z = zbuf[: e - s]
-        torch.matmul(h[s:e], wt, out=z)
+    for s, e, z in _logit_chunks(h, w, chunk):
         _rows(backend, z, labels[s:e], inv_t, ignore_index, True, g[s:e].contiguous())
         _accumulate_fp32(gw, z.t(), h[s:e])
     return gw.to(w.dtype)
