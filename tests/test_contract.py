@@ -177,6 +177,10 @@ def test_signature_logprobs():
     for n in ("hidden", "weight", "labels"):
         assert p[n].kind in (p[n].POSITIONAL_ONLY, p[n].POSITIONAL_OR_KEYWORD)
     expected = {"temperature": 1.0, "ignore_index": -100, "backend": "auto"}
+    _assert_keyword_only_defaults(p, expected)
+
+
+def _assert_keyword_only_defaults(p, expected: dict) -> None:
     for n, default in expected.items():
         assert n in p, n
         assert p[n].kind == p[n].KEYWORD_ONLY, n
@@ -196,10 +200,7 @@ def test_signature_ppo():
         "ignore_index": -100,
         "backend": "auto",
     }
-    for n, default in expected.items():
-        assert n in p, n
-        assert p[n].kind == p[n].KEYWORD_ONLY, n
-        assert p[n].default == default, (n, p[n].default)
+    _assert_keyword_only_defaults(p, expected)
 
 
 def test_signature_reward_and_grading():

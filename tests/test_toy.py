@@ -159,16 +159,20 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch):
         "learning_rate": 1e-3,
         "samples_per_problem": 0,
     }
-    assets = prepare_toy(
-        run,
-        seed=0,
-        num_train=12,
-        num_eval=10,
-        warmup_config=small,
-        cache_dir=cache,
-        overrides=reduced,
-        log=None,
-    )
+
+    def prepare():
+        return prepare_toy(
+            run,
+            seed=0,
+            num_train=12,
+            num_eval=10,
+            warmup_config=small,
+            cache_dir=cache,
+            overrides=reduced,
+            log=None,
+        )
+
+    assets = prepare()
     assert assets.warmup_seconds is not None and (assets.model_dir / "DONE").is_file()
     assert assets.info["final_loss"] < assets.info["first_loss"]
     assert len(assets.train_problems) == 12 and len(assets.eval_problems) == 10
@@ -194,16 +198,7 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch):
     # same rows every epoch: the PPO loss of the data falls as the policy moves toward the advantages
     assert statistics.mean(by_epoch[last]) < statistics.mean(by_epoch[first]), by_epoch
 
-    again = prepare_toy(
-        run,
-        seed=0,
-        num_train=12,
-        num_eval=10,
-        warmup_config=small,
-        cache_dir=cache,
-        overrides=reduced,
-        log=None,
-    )
+    again = prepare()
     assert again.warmup_seconds is None and again.model_dir == assets.model_dir
 
 
