@@ -44,7 +44,7 @@ _LOG_RATIOS = (-0.6, -0.1, 0.0, 0.08, 0.5)
 def make_case(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed: int, level: str):
     """Packed tokens in sequences of uneven lengths, ~10% ignored labels, old log-probs set so that the
     ratio of each token (token level) or sequence (sequence levels) is one of ``_LOG_RATIOS``."""
-    from o1pruner.kernels.reference import reference_logprobs
+    from o1pruner_kernels.reference import reference_logprobs
 
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(n, h, device=device, generator=g).to(dtype)
@@ -97,8 +97,9 @@ def loss_from_logps(logp, old, adv, labels, seq_ids, level: str, clip: float = 0
 
 
 def check(backend, dtype, n, h, v, level, device, seed) -> dict:
+    from o1pruner_kernels.reference import reference_logprobs, reference_ppo_loss
+
     from o1pruner.kernels import linear_logprobs, linear_ppo_loss
-    from o1pruner.kernels.reference import reference_logprobs, reference_ppo_loss
 
     hidden, weight, labels, old, adv, seq_ids = make_case(n, h, v, dtype, device, seed, level)
     with torch.no_grad():

@@ -15,12 +15,12 @@ import zlib
 import pytest
 import torch
 from kernel_utils import DEVICE, cpu64, nan_empty, rel_err, requires_cuda, to_device
+from o1pruner_kernels.reference import reference_logprobs, reference_ppo_loss
 
 from o1pruner.kernels import IMPORTANCE_LEVELS, REDUCTIONS, PPOLossOutput, linear_ppo_loss
-from o1pruner.kernels.reference import reference_logprobs, reference_ppo_loss
 
-lp_mod = importlib.import_module("o1pruner.kernels.linear_logprobs")
-ppo_mod = importlib.import_module("o1pruner.kernels.ppo_loss")
+lp_mod = importlib.import_module("o1pruner_kernels.linear_logprobs")
+ppo_mod = importlib.import_module("o1pruner_kernels.ppo_loss")
 
 H, V, B, T = 16, 203, 5, 9
 TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (3e-2, 6e-2), torch.float16: (3e-2, 6e-2)}

@@ -42,7 +42,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda" and not triton_interpreted():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got device={device}); on a CPU it runs only "
-                "under TRITON_INTERPRET=1 set before o1pruner.kernels is imported"
+                "under TRITON_INTERPRET=1 set before o1pruner_kernels is imported"
             )
     return backend
 

@@ -16,12 +16,11 @@ import zlib
 import pytest
 import torch
 from kernel_utils import DEVICE, cpu64, nan_empty, rel_err, requires_cuda, to_device
-
-from o1pruner.kernels import _common, linear_logprobs
-from o1pruner.kernels.reference import reference_logprobs
+from o1pruner_kernels import _common, linear_logprobs
+from o1pruner_kernels.reference import reference_logprobs
 
 # The package re-exports the function under the module's name; fetch the module itself.
-lp_mod = importlib.import_module("o1pruner.kernels.linear_logprobs")
+lp_mod = importlib.import_module("o1pruner_kernels.linear_logprobs")
 
 H, V = 16, 203
 TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (3e-2, 6e-2), torch.float16: (3e-2, 6e-2)}

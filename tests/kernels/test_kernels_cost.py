@@ -16,12 +16,12 @@ import weakref
 import pytest
 import torch
 from kernel_utils import DEVICE, requires_cuda, to_device
+from o1pruner_kernels.reference import reference_logprobs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from o1pruner.kernels import IMPORTANCE_LEVELS, linear_logprobs, linear_ppo_loss
-from o1pruner.kernels.reference import reference_logprobs
 
 B, T, H, V = 4, 16, 32, 257
 NHV = B * T * H * V
