@@ -1,7 +1,8 @@
-"""Shared helpers of the kernels package: backend selection, chunk sizing, argument checks."""
+"""Shared helpers of the kernels package: constants, backend selection, chunk sizing, argument checks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -14,11 +15,16 @@ try:  # Triton is optional: the torch backend works without it.
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
+IGNORE_INDEX = -100  # label value of tokens without a loss (padding, prompt), as in Hugging Face
 BACKENDS = ("auto", "torch", "triton")
 CHUNK_ENV = "O1PRUNER_KERNEL_CHUNK_TOKENS"
-# Bytes of one C x V logits tile (plus its fp32 working copy on the torch backend).
+BLOCK_V_ENV = "O1PRUNER_KERNEL_BLOCK_V"
+# Bytes of one float32 C x V logits tile. On a GPU the budget bounds memory; on a CPU the chunk is sized
+# for arithmetic intensity instead (the GEMMs re-read the V x H weight once per chunk, so C tokens give
+# C/2 FLOPs per weight byte in fp32) and the budget only caps it.
 _GPU_TILE_BYTES = 256 * 2**20
-_CPU_TILE_BYTES = 16 * 2**20
+_CPU_TILE_BYTES = 192 * 2**20
+_CPU_CHUNK_TOKENS = 256
 
 
 def triton_interpreted() -> bool:
@@ -48,7 +54,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def chunk_tokens(num_tokens: int, vocab: int, device: torch.device, chunk_size: int | None = None) -> int:
-    """Tokens per chunk C so that a C x V float32 tile stays near 256 MiB (GPU) / 16 MiB (CPU).
+    """Tokens per chunk C: a C x V float32 tile near 256 MiB on a GPU; on a CPU 256 tokens (the weight is
+    re-read N/256 times), capped by a 192 MiB tile. Independent of N beyond N itself (memory flat in N).
 
     ``chunk_size`` (keyword) or the environment variable O1PRUNER_KERNEL_CHUNK_TOKENS override it.
     """
@@ -67,7 +74,17 @@ def chunk_tokens(num_tokens: int, vocab: int, device: torch.device, chunk_size: 
     c = max(1, budget // (4 * max(1, vocab)))
     if device.type == "cuda":
         c = max(16, (c // 16) * 16)  # GEMM-friendly multiple of 16
+    else:
+        c = max(16, min(c, _CPU_CHUNK_TOKENS))
     return max(1, min(c, max(1, num_tokens)))
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for CUDA tensors (Triton launches on the current device and stream),
+    a no-op elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def check_temperature(temperature: float) -> float:

@@ -5,10 +5,8 @@ The loss depends on ``hidden`` only through the per-token log-probs ``logp_t``, 
 cheap op on (N,) scalars, defined here. That op computes per sequence the number of valid tokens n_i and
 S_i = sum_t d_t (d_t = logp_t - old_t), the clipped objective f(r, A) = -min(r*A, clip(r)*A) at the chosen
 importance level, the loss, and d loss / d logp_t as per-token coefficients (the backward is one multiply).
-
-Numerical safety: where A >= 0 the exponent is clamped at 60 before exp (for A > 0 the clipped branch is
-then active and for A = 0 the term is 0, so the result is unchanged) and gradients use
-``where(active, -A*r, 0)``, never ``0 * inf``.
+With a trainable head at the token level the whole loss is one chunked pass instead (``ppo_token_fused``,
+6*N*H*V FLOPs). Numerical safety of the objective: see ``ppo_terms``.
 """
 
 from __future__ import annotations
@@ -17,12 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import HAS_TRITON, resolve_backend
-from .linear_logprobs import flat_logprobs, prepare_inputs
+from ._common import HAS_TRITON, IGNORE_INDEX, chunk_tokens, device_guard, resolve_backend
+from .linear_logprobs import check_ignore_index, flat_logprobs, prepare_inputs
+from .ppo_terms import EXP_CLAMP, clip_objective_torch
+from .ppo_terms import mean_ratio as mean_ratio_of
+from .ppo_token_fused import fused_token_ppo_loss
 
 IMPORTANCE_LEVELS = ("token", "sequence", "sequence_geomean")
 REDUCTIONS = ("sequence_mean", "token_mean")
-EXP_CLAMP = 60.0
 _BLOCK = 256
 
 
@@ -33,13 +33,15 @@ class PPOLossOutput:
     loss: float32 scalar, differentiable. logps: float32 (labels.shape), detached, 0.0 at ignored tokens.
     clip_fraction: float32 scalar, detached: fraction of valid tokens (token level) or of sequences
     (sequence levels) whose clipped branch is active. mean_ratio: float32 scalar, detached: mean over
-    sequences of exp(mean_t d_t).
+    sequences of exp(mean_t d_t). entropy: float32 (labels.shape), detached, 0.0 at ignored tokens, the
+    per-token entropy of the softmax, when ``return_entropy=True`` (else None).
     """
 
     loss: torch.Tensor
     logps: torch.Tensor
     clip_fraction: torch.Tensor
     mean_ratio: torch.Tensor
+    entropy: torch.Tensor | None = None
 
 
 def _empty(*shape, dtype, device) -> torch.Tensor:
@@ -52,10 +54,12 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    EXP_CLAMP_TL = tl.constexpr(EXP_CLAMP)
+
     @triton.jit
     def _clip_objective(s, A, clip_low, clip_high):
         """f(exp(s), A) = -min(r*A, clip(r)*A), d f / d s, and whether the clipped branch is active."""
-        e = tl.where(A >= 0, tl.minimum(s, 60.0), s)
+        e = tl.where(A >= 0, tl.minimum(s, EXP_CLAMP_TL), s)
         r = tl.exp(e)
         pos = A > 0
         neg = A < 0
@@ -137,29 +141,16 @@ def _grid(n: int) -> tuple[int]:
 
 
 # ------------------------------------------------------------------------------------------------ torch
-def _clip_objective_torch(s: torch.Tensor, A: torch.Tensor, clip_low: float, clip_high: float):
-    e = torch.where(A >= 0, s.clamp(max=EXP_CLAMP), s)
-    r = torch.exp(e)
-    pos, neg = A > 0, A < 0
-    zero = torch.zeros_like(r)
-    loss = torch.where(
-        pos, -A * r.clamp(max=1.0 + clip_high), torch.where(neg, -A * r.clamp(min=1.0 - clip_low), zero)
-    )
-    active = (pos & (r < 1.0 + clip_high)) | (neg & (r > 1.0 - clip_low))
-    dlds = torch.where(active, -A * r, zero)
-    clipped = (pos & (r > 1.0 + clip_high)) | (neg & (r < 1.0 - clip_low))
-    return loss, dlds, clipped
-
-
 def _segment_sums(logp, old, valid, sid, num_seqs: int, backend: str):
     """(n (S,) float32 valid-token counts, S (S,) float32 sums of d_t over valid tokens)."""
     n = torch.zeros(num_seqs, dtype=torch.float32, device=logp.device)
     ssum = torch.zeros(num_seqs, dtype=torch.float32, device=logp.device)
     if backend == "triton":
         if logp.numel():
-            _segment_sums_kernel[_grid(logp.numel())](
-                logp, old, valid, sid, n, ssum, logp.numel(), BLOCK=_BLOCK
-            )
+            with device_guard(logp.device):
+                _segment_sums_kernel[_grid(logp.numel())](
+                    logp, old, valid, sid, n, ssum, logp.numel(), BLOCK=_BLOCK
+                )
     else:
         vb = valid.bool()
         n.index_add_(0, sid, vb.float())
@@ -187,14 +178,16 @@ def _ppo_forward(
             coef = _empty(N, dtype=torch.float32, device=device)
             clip_t = _empty(N, dtype=torch.float32, device=device)
             if N:
-                _ppo_token_kernel[_grid(N)](
-                    logp, old, adv, valid, sid, n, scale.reshape(1), loss_t, coef, clip_t, N,
-                    float(clip_low), float(clip_high), SEQ_MEAN=reduction == "sequence_mean", BLOCK=_BLOCK,
-                )  # fmt: skip
+                with device_guard(device):
+                    _ppo_token_kernel[_grid(N)](
+                        logp, old, adv, valid, sid, n, scale.reshape(1), loss_t, coef, clip_t, N,
+                        float(clip_low), float(clip_high), SEQ_MEAN=reduction == "sequence_mean",
+                        BLOCK=_BLOCK,
+                    )  # fmt: skip
         else:
             d = torch.where(vb, logp - old, 0.0)
             a = torch.where(vb, adv, 0.0)
-            lt, dl, cl = _clip_objective_torch(d, a, clip_low, clip_high)
+            lt, dl, cl = clip_objective_torch(d, a, clip_low, clip_high)
             w = scale / n.clamp(min=1.0)[sid] if reduction == "sequence_mean" else scale.expand(N)
             w = torch.where(vb, w, 0.0)
             loss_t, coef, clip_t = w * lt, w * dl, (cl & vb).float()
@@ -208,19 +201,20 @@ def _ppo_forward(
             clip_i = _empty(num_seqs, dtype=torch.float32, device=device)
             ratio_i = _empty(num_seqs, dtype=torch.float32, device=device)
             coef = _empty(N, dtype=torch.float32, device=device)
-            if num_seqs:
-                _ppo_seq_kernel[_grid(num_seqs)](
-                    ssum, n, adv_seq, inv_seq.reshape(1), loss_i, coef_i, clip_i, ratio_i, num_seqs,
-                    float(clip_low), float(clip_high), GEOMEAN=geo, BLOCK=_BLOCK,
-                )  # fmt: skip
-            if N:
-                _gather_coef_kernel[_grid(N)](coef_i, valid, sid, coef, N, BLOCK=_BLOCK)
+            with device_guard(device):
+                if num_seqs:
+                    _ppo_seq_kernel[_grid(num_seqs)](
+                        ssum, n, adv_seq, inv_seq.reshape(1), loss_i, coef_i, clip_i, ratio_i, num_seqs,
+                        float(clip_low), float(clip_high), GEOMEAN=geo, BLOCK=_BLOCK,
+                    )  # fmt: skip
+                if N:
+                    _gather_coef_kernel[_grid(N)](coef_i, valid, sid, coef, N, BLOCK=_BLOCK)
             mean_ratio = ratio_i.sum() * inv_seq
         else:
             n1 = n.clamp(min=1.0)
             s = ssum / n1 if geo else ssum
             a = torch.where(has, adv_seq, 0.0)
-            li, dl, cl = _clip_objective_torch(s, a, clip_low, clip_high)
+            li, dl, cl = clip_objective_torch(s, a, clip_low, clip_high)
             if geo:
                 dl = dl / n1
             zero = torch.zeros_like(li)
@@ -228,12 +222,11 @@ def _ppo_forward(
             coef_i = torch.where(has, inv_seq * dl, zero)
             clip_i = (cl & has).float()
             coef = torch.where(vb, coef_i[sid], 0.0)
-            mean_ratio = torch.where(has, torch.exp(ssum / n1), zero).sum() * inv_seq
+            mean_ratio = mean_ratio_of(ssum, n)
         loss = loss_i.sum()
         clip_fraction = clip_i.sum() * inv_seq
         return loss, coef, clip_fraction, mean_ratio
-    mean_ratio = torch.where(has, torch.exp(ssum / n.clamp(min=1.0)), 0.0).sum() * inv_seq
-    return loss, coef, clip_fraction, mean_ratio
+    return loss, coef, clip_fraction, mean_ratio_of(ssum, n)
 
 
 class _PPOClipFunction(torch.autograd.Function):
@@ -348,15 +341,37 @@ def _sequence_index(hidden: torch.Tensor, labels: torch.Tensor, seq_ids) -> tupl
 
 
 def _per_token(x, name: str, labels: torch.Tensor) -> torch.Tensor:
+    """``x`` as a detached float32 (N,) vector after shape/device/dtype checks."""
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x, dtype=torch.float32, device=labels.device)
     if tuple(x.shape) != tuple(labels.shape):
         raise ValueError(f"{name} shape {tuple(x.shape)} must equal labels shape {tuple(labels.shape)}")
     if x.device != labels.device:
         raise ValueError(f"{name} must be on {labels.device}, got {x.device}")
-    if not x.is_floating_point():
-        x = x.float()
-    return x.reshape(-1)
+    if x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"{name} must be a real floating-point tensor, got dtype {x.dtype}")
+    return x.detach().to(torch.float32).reshape(-1)
+
+
+def _check_finite(x: torch.Tensor, name: str, valid: torch.Tensor) -> None:
+    bad = valid & ~torch.isfinite(x)
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0])
+        raise ValueError(f"{name} must be finite at valid tokens, got {float(x[pos])} at flat position {pos}")
+
+
+def _check_options(importance_level: str, reduction: str, clip_low: float, clip_high: float) -> None:
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance_level must be one of {IMPORTANCE_LEVELS}, got {importance_level!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    for name, val in (("clip_low", clip_low), ("clip_high", clip_high)):
+        try:
+            ok = float(val) >= 0.0 and float(val) < float("inf")
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a finite number >= 0, got {name}={val!r}")
 
 
 def linear_ppo_loss(
@@ -372,19 +387,22 @@ def linear_ppo_loss(
     clip_high: float = 0.2,
     reduction: str = "sequence_mean",
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     chunk_size: int | None = None,
+    return_entropy: bool = False,
 ) -> PPOLossOutput:
-    """PPO-clip loss of the lm_head log-probs, without materialising the logits (METHOD.md contract).
+    """PPO-clip loss of the lm_head log-probs, without materialising the logits (contract: docs/method.md).
 
     Args:
         hidden: (B, T, H) padded (each row one sequence when ``seq_ids`` is None) or (N, H) packed with
-            ``seq_ids``; an (N, H) input without ``seq_ids`` is ONE sequence. bf16/fp16/fp32.
-        weight: (V, H) lm_head weight. labels: int64, ``hidden.shape[:-1]``; ``ignore_index`` = padding.
-        old_logps: float, labels' shape: log-probs under the sampling policy (no gradient).
-        advantages: float, labels' shape: per-token advantage (no gradient); at the sequence levels it
-            must be constant over each sequence's valid tokens (ValueError otherwise).
+            ``seq_ids``; an (N, H) input without ``seq_ids`` is ONE sequence. bf16/fp16/fp32, any strides.
+        weight: (V, H) lm_head weight. labels: integer, ``hidden.shape[:-1]``; ``ignore_index`` = padding.
+        old_logps: float, labels' shape: log-probs under the sampling policy (no gradient; finite at
+            valid tokens).
+        advantages: float, labels' shape: per-token advantage (no gradient; finite at valid tokens); at
+            the sequence levels it must be constant over each sequence's valid tokens (ValueError
+            otherwise).
         seq_ids: optional integer, labels' shape: any non-negative ids, tokens of one sequence need not
             be contiguous.
         importance_level: "token" | "sequence" (ratio exp(sum_t d_t)) | "sequence_geomean"
@@ -392,32 +410,39 @@ def linear_ppo_loss(
             levels always average over sequences with >= 1 valid token).
         clip_low, clip_high: the clip range [1 - clip_low, 1 + clip_high]. temperature: > 0.
         backend: "auto" | "torch" | "triton". chunk_size: tokens per chunk (see ``linear_logprobs``).
+        return_entropy: fill ``PPOLossOutput.entropy`` with the per-token entropy (same row pass).
 
     Returns:
         :class:`PPOLossOutput`. With no valid token at all the loss is 0.0 (with zero gradient),
         clip_fraction 0.0 and mean_ratio 0.0.
     """
-    if importance_level not in IMPORTANCE_LEVELS:
-        raise ValueError(f"importance_level must be one of {IMPORTANCE_LEVELS}, got {importance_level!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    for name, val in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if not (float(val) >= 0.0 and float(val) < float("inf")):
-            raise ValueError(f"{name} must be a finite number >= 0, got {name}={val!r}")
+    _check_options(importance_level, reduction, clip_low, clip_high)
     h, w, y, inv_t = prepare_inputs(hidden, weight, labels, temperature)
     be = resolve_backend(backend, h.device)
+    ii = check_ignore_index(ignore_index)
     old = _per_token(old_logps, "old_logps", labels)
     adv = _per_token(advantages, "advantages", labels)
+    valid = y != ii
+    _check_finite(old, "old_logps", valid)
+    _check_finite(adv, "advantages", valid)
     sid, num_seqs = _sequence_index(hidden, labels, seq_ids)
-    logp = flat_logprobs(h, w, y, inv_t, int(ignore_index), be, chunk_size)
-    valid = y != int(ignore_index)
-    loss, clip_fraction, mean_ratio = ppo_clip_loss(
-        logp, old, adv, valid, sid, num_seqs, importance_level=importance_level, clip_low=clip_low,
-        clip_high=clip_high, reduction=reduction, backend=be,
-    )  # fmt: skip
+    want_ent = bool(return_entropy)
+    if importance_level == "token" and torch.is_grad_enabled() and w.requires_grad:
+        loss, logp, ent, clip_fraction, mean_ratio = fused_token_ppo_loss(
+            h, w, y, old, adv, sid, num_seqs, reduction=reduction, clip_low=clip_low, clip_high=clip_high,
+            inv_t=inv_t, ignore_index=ii, backend=be, want_entropy=want_ent,
+            chunk=chunk_tokens(int(valid.sum()), w.shape[0], h.device, chunk_size),
+        )  # fmt: skip
+    else:
+        logp, ent = flat_logprobs(h, w, y, inv_t, ii, be, chunk_size, want_entropy=want_ent)
+        loss, clip_fraction, mean_ratio = ppo_clip_loss(
+            logp, old, adv, valid, sid, num_seqs, importance_level=importance_level, clip_low=clip_low,
+            clip_high=clip_high, reduction=reduction, backend=be,
+        )  # fmt: skip
     return PPOLossOutput(
         loss=loss,
         logps=logp.detach().reshape(labels.shape),
         clip_fraction=clip_fraction,
         mean_ratio=mean_ratio,
+        entropy=ent.reshape(labels.shape) if ent is not None else None,
     )
