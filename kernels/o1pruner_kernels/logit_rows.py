@@ -62,7 +62,7 @@ if HAS_TRITON:
             e = tl.exp(x - m_new)
             s = s * alpha + tl.sum(e, axis=0)
             if WRITE_ENT:
-                t = t * alpha + tl.sum(tl.where(mask, e * x, 0.0), axis=0)
+                t = t * alpha + tl.sum(e * tl.where(mask, x, 0.0), axis=0)
             m = m_new
         lse = m + tl.log(s)
         y_safe = tl.where(valid, y, 0)

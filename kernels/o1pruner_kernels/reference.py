@@ -1,4 +1,4 @@
-"""Naive float64 references of the METHOD.md contract (materialised logits; for tests and benchmarks).
+"""Naive float64 references of the core API contract (materialised logits; for tests and benchmarks).
 
 Everything is computed in float64 from the given tensors (upcast), with autograd: pass float64 leaf
 tensors that require grad to get reference gradients.
@@ -22,6 +22,20 @@ def reference_logprobs(
     valid = labels != ignore_index
     lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, lp, torch.zeros_like(lp))
+
+
+def reference_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """float64 (...) ``-sum_v p_v log p_v`` of ``softmax(hidden @ weight.T / T)``, 0.0 at ignored tokens."""
+    logp = torch.log_softmax(hidden.double() @ weight.double().t() / temperature, dim=-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return torch.where(labels != ignore_index, ent, torch.zeros_like(ent))
 
 
 def _clip_objective(

@@ -1,0 +1,300 @@
+"""Fused lm_head projection + log-softmax + label gather (+ entropy), chunked over tokens.
+
+For a chunk of C tokens the logits ``z = h_c @ W^T`` (C, V) are formed in float32 (``gemm.mm_f32``: fp32
+output from bf16/fp16 operands, never rounded to the input dtype), then ONE row pass over the tile
+(``logit_rows``: a Triton kernel or the same math in torch ops) computes ``lse = logsumexp(z / T)``,
+``logp = z[y] / T - lse`` and optionally the entropy. When the hidden states need a gradient the same pass
+writes ``grad_z = (onehot(y) - softmax(z / T)) / T`` in the input dtype into a buffer of its own, and a
+second GEMM stores ``D_c = grad_z @ W`` = d logp_t / d h_t. The backward for ``hidden`` is then
+``grad_h = g_t * D_t`` with no GEMM, so a frozen head costs 4*N*H*V FLOPs forward+backward (2*N*H*V
+without gradients). A trainable head recomputes z per chunk in the backward and accumulates
+``grad_W += grad_z^T @ h_c`` in float32 (8*N*H*V; the token-level PPO loss does 6*N*H*V, see
+``ppo_token_fused``). Scoring (no gradient) and training run the same arithmetic, so the importance ratio
+is exactly 1 at step 0. Memory: O(N*H) for D plus one or two C x V tiles. See docs/design.md.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ._common import IGNORE_INDEX, check_temperature, chunk_tokens, resolve_backend
+from .gemm import addmm_f32, mm_f32
+from .logit_rows import logit_rows
+
+
+def _empty(*shape, dtype, device) -> torch.Tensor:
+    """Uninitialised output buffer (a seam: tests poison it with NaN to prove every element is written)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def tile_chunks(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    inv_t: float,
+    ignore_index: int,
+    backend: str,
+    chunk: int,
+    *,
+    need_grad: bool,
+    want_entropy: bool = False,
+    scale: torch.Tensor | None = None,
+):
+    """Yield ``(start, end, logp_c, entropy_c, grad_c)`` per chunk of ``chunk`` tokens.
+
+    h (N, H) contiguous; w (V, H) any strides; labels (N,) int64 contiguous; scale (N,) float32 or None.
+    logp_c, entropy_c: (C,) float32 (entropy_c None unless ``want_entropy``); grad_c: (C, V) in h's dtype,
+    ``scale * (onehot - softmax) / T``, when ``need_grad`` (else None). The buffers are reused: consume
+    grad_c before the next chunk.
+    """
+    n, v = h.shape[0], w.shape[0]
+    if n == 0:
+        return
+    c = min(chunk, n)
+    x_buf = _empty(c, v, dtype=torch.float32, device=h.device)
+    torch_entropy = want_entropy and backend != "triton"
+    g_buf = scratch = None
+    if need_grad:
+        same = h.dtype == torch.float32 and not torch_entropy
+        g_buf = x_buf if same else _empty(c, v, dtype=h.dtype, device=h.device)
+    if torch_entropy:
+        reuse = g_buf is not None and g_buf.dtype == torch.float32
+        scratch = g_buf if reuse else _empty(c, v, dtype=torch.float32, device=h.device)
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        x = mm_f32(h[s:e], w, x_buf[: e - s])
+        g = g_buf[: e - s] if g_buf is not None else None
+        logp_c, ent_c = logit_rows(
+            backend, x, labels[s:e], inv_t, ignore_index, g,
+            scale[s:e] if scale is not None else None, want_entropy,
+            scratch[: e - s] if scratch is not None else None,
+        )  # fmt: skip
+        yield s, e, logp_c, ent_c, g
+
+
+def _forward_chunks(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    inv_t: float,
+    ignore_index: int,
+    backend: str,
+    chunk: int,
+    need_d: bool,
+    want_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """logp (N,) float32, entropy (N,) float32 or None, and (when ``need_d``) D = d logp / d h (N, H)."""
+    logp = _empty(h.shape[0], dtype=torch.float32, device=h.device)
+    ent = _empty(h.shape[0], dtype=torch.float32, device=h.device) if want_entropy else None
+    d = _empty(*h.shape, dtype=h.dtype, device=h.device) if need_d else None
+    chunks = tile_chunks(
+        h, w, labels, inv_t, ignore_index, backend, chunk, need_grad=need_d, want_entropy=want_entropy
+    )
+    for s, e, logp_c, ent_c, g in chunks:
+        logp[s:e] = logp_c
+        if want_entropy:
+            ent[s:e] = ent_c
+        if need_d:
+            torch.matmul(g, w, out=d[s:e])
+    return logp, ent, d
+
+
+def _weight_grad(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    g: torch.Tensor,
+    inv_t: float,
+    ignore_index: int,
+    backend: str,
+    chunk: int,
+) -> torch.Tensor:
+    """sum_t g_t * d logp_t / d W, recomputing the logits per chunk; float32 accumulation."""
+    gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    scale = g.contiguous()
+    chunks = tile_chunks(h, w, labels, inv_t, ignore_index, backend, chunk, need_grad=True, scale=scale)
+    for s, e, _, _, gz in chunks:
+        addmm_f32(gw, gz, h[s:e])
+    return gw.to(w.dtype)
+
+
+class _LinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, labels, inv_t, ignore_index, backend, chunk, want_entropy):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        logp, ent, d = _forward_chunks(
+            h, w, labels, inv_t, ignore_index, backend, chunk, need_h, want_entropy
+        )
+        ctx.meta = (inv_t, ignore_index, backend, chunk)
+        ctx.save_for_backward(d, h if need_w else None, w if need_w else None, labels if need_w else None)
+        ent = ent if ent is not None else logp.new_zeros(0)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, _grad_ent):
+        inv_t, ignore_index, backend, chunk = ctx.meta
+        d, h, w, labels = ctx.saved_tensors
+        g = grad_logp.float()
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            if d.dtype == torch.float32:
+                grad_h = d * g.unsqueeze(1)
+            else:
+                grad_h = (d.float() * g.unsqueeze(1)).to(d.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(h, w, labels, g, inv_t, ignore_index, backend, chunk)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _shape(x) -> object:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def prepare_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """Check shapes/dtypes/devices; return (hidden (N, H), weight (V, H), labels (N,) int64 contiguous, 1/T).
+
+    Any layout is accepted (transposed, sliced, expanded): hidden is flattened (copied only when it must
+    be), labels are copied to a contiguous int64 vector, the weight keeps its strides (the GEMMs read any).
+    """
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
+        got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a floating-point tensor of shape (..., H), got {got}")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        raise ValueError(f"weight must be a floating-point (V, H) tensor, got {_shape(weight)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight (V, H) = {tuple(weight.shape)} does not match hidden (..., H) = {tuple(hidden.shape)}"
+        )
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+    ):
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor (int64) of shape hidden.shape[:-1], got {got}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
+        )
+    if weight.device != hidden.device or labels.device != hidden.device:
+        raise ValueError(
+            f"hidden, weight and labels must be on one device, got {hidden.device}, {weight.device}, "
+            f"{labels.device}"
+        )
+    inv_t = 1.0 / check_temperature(temperature)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    h = hidden.to(dtype).reshape(-1, hidden.shape[-1])
+    w = weight.to(dtype)
+    return h, w, labels.reshape(-1).to(torch.long).contiguous(), inv_t
+
+
+def check_ignore_index(ignore_index) -> int:
+    """``ignore_index`` as a Python int (ValueError for a float, a bool or a non-number)."""
+    if isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int, got ignore_index={ignore_index!r}")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise ValueError(f"ignore_index must be an int, got ignore_index={ignore_index!r}") from None
+
+
+def select_valid(h: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int):
+    """(h, labels) of the valid tokens only, and their indices (None when all are valid).
+
+    Raises ValueError for a label outside [0, vocab) that is not ``ignore_index``.
+    """
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0])
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, got label "
+            f"{int(labels[pos])} at flat position {pos}"
+        )
+    if bool(valid.all()):
+        return h.contiguous(), labels, None
+    idx = valid.nonzero().squeeze(1)
+    return h.index_select(0, idx), labels.index_select(0, idx), idx
+
+
+def scatter_valid(x: torch.Tensor, n: int, idx: torch.Tensor | None) -> torch.Tensor:
+    """(n,) tensor with ``x`` at ``idx`` and 0.0 elsewhere (``x`` itself when ``idx`` is None)."""
+    if idx is None:
+        return x
+    return torch.zeros(n, dtype=x.dtype, device=x.device).index_copy(0, idx, x)
+
+
+def flat_logprobs(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    inv_t: float,
+    ignore_index: int,
+    backend: str,
+    chunk_size: int | None = None,
+    want_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logp (N,) float32 differentiable, entropy (N,) float32 detached or None) for checked flat inputs.
+
+    Ignored tokens are skipped entirely (no FLOPs); their log-prob and entropy are exactly 0.0.
+    """
+    n = h.shape[0]
+    h, labels, idx = select_valid(h, labels, w.shape[0], ignore_index)
+    chunk = chunk_tokens(h.shape[0], w.shape[0], h.device, chunk_size)
+    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+        logp, ent = _LinearLogprobsFunction.apply(
+            h, w, labels, inv_t, ignore_index, backend, chunk, want_entropy
+        )
+    else:
+        with torch.no_grad():
+            logp, ent, _ = _forward_chunks(
+                h, w, labels, inv_t, ignore_index, backend, chunk, False, want_entropy
+            )
+    ent = scatter_valid(ent, n, idx) if want_entropy else None
+    return scatter_valid(logp, n, idx), ent
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``log_softmax(hidden @ weight.T / temperature)[label]`` without materialising the logits.
+
+    Args:
+        hidden: (..., H) float tensor (bf16/fp16/fp32), e.g. the decoder's last hidden states; any
+            strides (transposed, sliced, expanded).
+        weight: (V, H) lm_head weight (same device; dtypes are promoted to a common one); any strides.
+        labels: (...) integer, ``hidden.shape[:-1]``; ``ignore_index`` marks tokens to skip. Labels must
+            already be aligned with ``hidden`` (see :func:`o1pruner_kernels.shift_labels`).
+        temperature: > 0, divides the logits.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "torch", or "triton".
+        chunk_size: tokens per chunk (default: a ~256 MiB float32 tile on a GPU, 256 tokens on a CPU;
+            or the environment variable O1PRUNER_KERNEL_CHUNK_TOKENS).
+        return_entropy: also return the per-token entropy of the softmax.
+
+    Returns:
+        float32 (...) log-probs, exactly 0.0 where ``labels == ignore_index``; differentiable with respect
+        to ``hidden`` and ``weight`` when they require grad. With ``return_entropy=True`` a pair
+        ``(logps, entropy)``; entropy is float32 (...), ``-sum_v p_v log p_v`` of
+        ``softmax(hidden @ weight.T / temperature)``, 0.0 at ignored tokens, detached; it comes from the
+        same row pass (no extra GEMM).
+    """
+    h, w, y, inv_t = prepare_inputs(hidden, weight, labels, temperature)
+    be = resolve_backend(backend, h.device)
+    ii = check_ignore_index(ignore_index)
+    logp, ent = flat_logprobs(h, w, y, inv_t, ii, be, chunk_size, want_entropy=bool(return_entropy))
+    if return_entropy:
+        return logp.reshape(labels.shape), ent.reshape(labels.shape)
+    return logp.reshape(labels.shape)
