@@ -23,8 +23,8 @@ BLOCK_V_ENV = "O1PRUNER_KERNEL_BLOCK_V"
 # for arithmetic intensity instead (the GEMMs re-read the V x H weight once per chunk, so C tokens give
 # C/2 FLOPs per weight byte in fp32) and the budget only caps it.
 _GPU_TILE_BYTES = 256 * 2**20
-_CPU_TILE_BYTES = 192 * 2**20
-_CPU_CHUNK_TOKENS = 256
+_CPU_TILE_BYTES = 320 * 2**20
+_CPU_CHUNK_TOKENS = 512
 
 
 def triton_interpreted() -> bool:
@@ -54,8 +54,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def chunk_tokens(num_tokens: int, vocab: int, device: torch.device, chunk_size: int | None = None) -> int:
-    """Tokens per chunk C: a C x V float32 tile near 256 MiB on a GPU; on a CPU 256 tokens (the weight is
-    re-read N/256 times), capped by a 192 MiB tile. Independent of N beyond N itself (memory flat in N).
+    """Tokens per chunk C: a C x V float32 tile near 256 MiB on a GPU; on a CPU 512 tokens (the weight is
+    re-read N/512 times; measured on a 2-core CPU, GEMMs of 512 rows run ~1.7x faster per token than of
+    128), capped by a 320 MiB tile. Independent of N beyond N itself (memory flat in N).
 
     ``chunk_size`` (keyword) or the environment variable O1PRUNER_KERNEL_CHUNK_TOKENS override it.
     """

@@ -280,7 +280,7 @@ def linear_logprobs(
             already be aligned with ``hidden`` (see :func:`o1pruner_kernels.shift_labels`).
         temperature: > 0, divides the logits.
         backend: "auto" (Triton on CUDA, torch elsewhere), "torch", or "triton".
-        chunk_size: tokens per chunk (default: a ~256 MiB float32 tile on a GPU, 256 tokens on a CPU;
+        chunk_size: tokens per chunk (default: a ~256 MiB float32 tile on a GPU, 512 tokens on a CPU;
             or the environment variable O1PRUNER_KERNEL_CHUNK_TOKENS).
         return_entropy: also return the per-token entropy of the softmax.
 
