@@ -146,3 +146,25 @@ def test_packed_layouts_of_labels_and_seq_ids(backend):
                 outs.append((out.loss.detach(), out.logps, hidden.grad.clone()))
             for a, b in zip(*outs, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_on_the_second_gpu_runs_there(backend):
+    """A model split over GPUs: the kernels launch on cuda:1 while cuda:0 is the current device."""
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    labels = torch.randint(0, V, (B, T), generator=g)
+    old, adv = torch.full((B, T), -3.5), torch.randn(B, 1, generator=g).expand(B, T)
+    dev = torch.device("cuda:1")
+    h1 = hidden.to(dev).requires_grad_()
+    with torch.cuda.device(0):
+        out = linear_ppo_loss(h1, weight.to(dev), labels.to(dev), old.to(dev), adv.to(dev), backend=backend)
+        out.loss.backward()
+    h0 = hidden.clone().requires_grad_()
+    ref = linear_ppo_loss(h0, weight, labels, old, adv, backend="torch")
+    ref.loss.backward()
+    assert out.loss.device == dev
+    torch.testing.assert_close(out.loss.detach().cpu(), ref.loss.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h1.grad.cpu(), h0.grad, rtol=1e-3, atol=1e-5)
