@@ -17,6 +17,7 @@ import os
 import torch
 
 from ._common import HAS_TRITON, check_temperature, chunk_tokens, resolve_backend
+from .fused_logprobs import fused_logprobs
 
 BLOCK_V_ENV = "O1PRUNER_KERNEL_BLOCK_V"
 
@@ -276,7 +277,10 @@ def flat_logprobs(
         logp = _LinearLogprobsFunction.apply(h, w, labels, inv_t, ignore_index, backend, chunk)
     else:
         with torch.no_grad():
-            logp, _ = _forward_chunks(h, w, labels, inv_t, ignore_index, backend, chunk, False)
+            if backend == "triton" and h.device.type == "cuda":  # scoring: one fused GEMM, no logits tile
+                logp = fused_logprobs(h, w, labels, inv_t, ignore_index)
+            else:
+                logp, _ = _forward_chunks(h, w, labels, inv_t, ignore_index, backend, chunk, False)
     if idx is not None:
         logp = torch.zeros(n, dtype=torch.float32, device=h.device).index_copy(0, idx, logp)
     return logp
