@@ -169,22 +169,6 @@ def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return torch.where(labels == IGNORE_INDEX, torch.zeros_like(logp), logp)
 
 
-def naive_ppo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    seq_adv: torch.Tensor,
-    seq_ids: torch.Tensor,
-    num_seqs: int,
-    level: str,
-) -> torch.Tensor:
-    """PPO-clip loss, reduction "sequence_mean", on materialised logits (the METHOD.md contract)."""
-    logp = naive_logprobs(hidden, weight, labels)
-    return ppo_loss_from_logps(logp, labels, old_logps, advantages, seq_adv, seq_ids, num_seqs, level)
-
-
 def ppo_loss_from_logps(
     logp: torch.Tensor,
     labels: torch.Tensor,
@@ -247,22 +231,18 @@ def build_case(
             if provider == "naive-compile":
                 fn = torch.compile(naive_logprobs)
             return _no_grad(lambda: fn(x.hidden, x.weight, x.labels))
-        loss_fn = naive_ppo_loss
-        if provider == "naive-compile":
-            loss_fn = torch.compile(naive_ppo_loss)
+
+        def naive_ppo_loss(hidden, weight, labels, old_logps, advantages, seq_adv, seq_ids):
+            """The PPO-clip loss on materialised logits (the METHOD.md contract)."""
+            logp = naive_logprobs(hidden, weight, labels)
+            return ppo_loss_from_logps(
+                logp, labels, old_logps, advantages, seq_adv, seq_ids, x.num_seqs, level
+            )
+
+        loss_fn = torch.compile(naive_ppo_loss) if provider == "naive-compile" else naive_ppo_loss
 
         def naive_loss():
-            loss = loss_fn(
-                x.hidden,
-                x.weight,
-                x.labels,
-                x.old_logps,
-                x.advantages,
-                x.seq_adv,
-                x.seq_ids,
-                x.num_seqs,
-                level,
-            )
+            loss = loss_fn(x.hidden, x.weight, x.labels, x.old_logps, x.advantages, x.seq_adv, x.seq_ids)
             loss.backward()
             return loss.detach()
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validation + benchmarks in one run of at most ~8 minutes on one H100/H200 (see docs/benchmarks.md).
 #
-# Prepared on a CPU machine, before the GPU session:  bash ../shared/device/prepare-site.sh
+# Prepared on a CPU machine, before the GPU run:  bash ../shared/device/prepare-site.sh
 #   (builds .device-site: bitsandbytes, liger-kernel 0.8.5, ... that the GPU image lacks)
 # Run on the device, from the repository root, carrying .device-site:
 #   set -o pipefail; PYTHONUNBUFFERED=1 bash benchmarks/device_check.sh 2>&1 | tee $OUT/log.txt

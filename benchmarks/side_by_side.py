@@ -89,7 +89,8 @@ def summary(rows: list[dict], ours: str, command: str, loads: tuple[str, str]) -
         f"- machine load (1-min load average / CPUs) at the start and end: {loads[0]} and {loads[1]} "
         "(a shared machine: other work ran alongside)",
         f"- level {first.get('level', '?')}, reduction sequence_mean, 10% of each sequence's labels masked; "
-        "peak = extra peak resident set (CPU) or allocated bytes (CUDA) of one call",
+        "peak = extra peak resident set (CPU) or allocated bytes (CUDA) of one call; cce runs its "
+        "`torch_compile` implementation off CUDA (materialised logits), its Triton one on CUDA",
         f"- command: `{command}`",
         "",
     ]
@@ -128,6 +129,22 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def summarize_csv(path: Path, args) -> int:
+    """Rewrites ``path``'s markdown summary from its rows (the command recorded is the one that measured)."""
+    if not path.is_file():
+        print(f"side_by_side: --summarize {path}: no such file", file=sys.stderr)
+        return 2
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "provider" not in rows[0]:
+        print(f"side_by_side: --summarize {path}: no benchmark rows", file=sys.stderr)
+        return 2
+    ours = next((r["provider"] for r in rows if r["provider"].startswith("ours-")), "ours-torch")
+    loads = (rows[0].get("load", "?"), rows[-1].get("load", "?"))
+    _write_atomic(path.with_suffix(".md"), summary(rows, ours, args.command, loads))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=DEFAULT_CASES, help="HEAD:N list, e.g. 1.5b:1024,7b:512")
@@ -139,11 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-reps", type=int, default=MIN_REPS)
     p.add_argument("--timeout-s", type=float, default=1800.0, help="limit per provider process")
     p.add_argument("--out", default=None, help="CSV (default benchmarks/results/side-by-side-<device>.csv)")
+    p.add_argument(
+        "--command",
+        default="python -m benchmarks.side_by_side",
+        help="with --summarize: the command to quote",
+    )
+    p.add_argument(
+        "--summarize", metavar="CSV", default=None, help="rewrite CSV's summary (.md), run nothing"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.summarize:
+        return summarize_csv(Path(args.summarize), args)
     cases = parse_cases(args.cases)
     dtypes = parse_choice(args.dtypes, ("bf16", "fp16", "fp32"), "--dtypes")
     providers = parse_choice(args.providers, PROVIDERS, "--providers")
