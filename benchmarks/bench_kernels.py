@@ -7,12 +7,18 @@ Providers
   naive-compile  torch.compile of the naive path
   liger-grpo     Liger-Kernel's LigerFusedLinearGRPOLoss (loss_type "grpo", beta 0, no reference model);
                  loss mode only, skipped when liger_kernel does not import
+  cce            Apple's cut-cross-entropy (linear_cross_entropy, reduction "none", its default gradient
+                 filter) giving -logp, with the naive PPO-clip op on top; impl "cce" (Triton) on CUDA,
+                 "torch_compile" elsewhere; skipped when cut_cross_entropy does not import
 Modes
   logprobs-fwd   forward-only per-token log-probs (under torch.no_grad, as when scoring reference samples)
   loss-fwd-bwd   PPO-clip loss forward + backward with a frozen lm_head (weight.requires_grad False,
                  hidden requires grad): the training step's loss
-Metrics per row: median/p20/p80 ms, peak memory above the inputs, effective TFLOP/s against 2NHV (fwd) or
-4NHV (fwd+bwd) and the ratio of the time to that work at the dense bf16 matmul rate measured in the same run.
+Metrics per row: median/p20/p80 ms over ``reps`` timed calls (at least --min-reps), peak memory above the
+inputs, effective TFLOP/s against 2*n*H*V (fwd) or 4*n*H*V (fwd+bwd) with n the VALID tokens (the masked
+prompt tokens are no useful work, whoever computes them) and the ratio of the time to that work at the
+dense matmul rate measured in the same run. --phases adds, for ours-*, the split of one profiled call into
+GEMM1 / row pass / GEMM2 / other (benchmarks/phases.py).
 
 Run from the repository root, e.g.
   python -m benchmarks.bench_kernels --heads 7b --tokens 2k,4k,8k,16k,32k,64k
@@ -34,17 +40,21 @@ import torch
 
 from benchmarks.common import (
     MIB,
+    MIN_REPS,
     RESULTS_DIR,
     CsvLog,
     apply_quick_defaults,
     environment,
     free_memory,
     is_oom,
+    load_average,
     matmul_ceiling_tflops,
     measure_peak,
+    package_version,
     resolve_device,
     time_fn,
 )
+from benchmarks.phases import phase_breakdown
 
 # lm_head shapes (hidden size H, vocabulary V) of the Qwen2.5 family (config.json of each model)
 HEADS: dict[str, tuple[int, int]] = {
@@ -53,7 +63,7 @@ HEADS: dict[str, tuple[int, int]] = {
     "32b": (5120, 152064),
 }
 QUICK_HEADS: dict[str, tuple[int, int]] = {"tiny": (64, 1003)}
-PROVIDERS = ("ours-triton", "ours-torch", "naive", "naive-compile", "liger-grpo")
+PROVIDERS = ("ours-triton", "ours-torch", "naive", "naive-compile", "liger-grpo", "cce")
 MODES = ("logprobs-fwd", "loss-fwd-bwd")
 LEVELS = ("token", "sequence_geomean")
 IGNORE_INDEX = -100
@@ -62,9 +72,9 @@ CLIP = 0.2
 
 COLUMNS = [
     "device", "device_name", "date", "torch", "triton", "transformers", "peft", "bitsandbytes", "liger",
-    "provider", "mode", "level", "head", "N", "H", "V", "dtype", "seq_len", "status",
-    "median_ms", "p20_ms", "p80_ms", "peak_extra_mib", "output_mib", "flops", "tflops",
-    "ceiling_tflops", "ratio_to_ceiling", "check_value", "note",
+    "cce", "load", "provider", "mode", "level", "head", "N", "valid_tokens", "H", "V", "dtype", "seq_len",
+    "status", "median_ms", "p20_ms", "p80_ms", "reps", "peak_extra_mib", "output_mib", "flops", "tflops",
+    "ceiling_tflops", "ratio_to_ceiling", "gemm1_ms", "row_ms", "gemm2_ms", "other_ms", "check_value", "note",
 ]  # fmt: skip
 
 
@@ -111,6 +121,16 @@ class Inputs:
         )
 
 
+def prompt_tokens(seq_len: int) -> int:
+    """Leading labels of each sequence masked with ignore_index."""
+    return max(1, int(PROMPT_FRACTION * seq_len))
+
+
+def valid_tokens(n: int, seq_len: int) -> int:
+    """Tokens with a label among N packed tokens in sequences of ``seq_len``."""
+    return n - (n // seq_len) * prompt_tokens(seq_len)
+
+
 def make_inputs(
     n: int, h: int, v: int, seq_len: int, dtype: torch.dtype, device: torch.device, seed: int
 ) -> Inputs:
@@ -125,7 +145,7 @@ def make_inputs(
     )
     labels = torch.randint(0, v, (n,), device=device, generator=gen)
     pos = torch.arange(n, device=device) % seq_len
-    labels[pos < max(1, int(PROMPT_FRACTION * seq_len))] = IGNORE_INDEX
+    labels[pos < prompt_tokens(seq_len)] = IGNORE_INDEX
     seq_ids = torch.arange(n, device=device) // seq_len
     seq_adv = torch.randn(num_seqs, device=device, generator=gen)
     with torch.no_grad():
@@ -149,9 +169,8 @@ def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return torch.where(labels == IGNORE_INDEX, torch.zeros_like(logp), logp)
 
 
-def naive_ppo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
+def ppo_loss_from_logps(
+    logp: torch.Tensor,
     labels: torch.Tensor,
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -160,19 +179,18 @@ def naive_ppo_loss(
     num_seqs: int,
     level: str,
 ) -> torch.Tensor:
-    """PPO-clip loss, reduction "sequence_mean", on materialised logits (the METHOD.md contract)."""
+    """PPO-clip loss, reduction "sequence_mean", of per-token log-probs (N,) float32 (0 where ignored)."""
     valid = (labels != IGNORE_INDEX).float()
-    logp = naive_logprobs(hidden, weight, labels)
     d = (logp - old_logps) * valid
-    count = torch.zeros(num_seqs, device=hidden.device).index_add_(0, seq_ids, valid)
+    count = torch.zeros(num_seqs, device=logp.device).index_add_(0, seq_ids, valid)
     if level == "token":
         r = torch.exp(d)
         per_tok = -torch.minimum(r * advantages, r.clamp(1 - CLIP, 1 + CLIP) * advantages) * valid
-        per_seq = torch.zeros(num_seqs, device=hidden.device).index_add_(
-            0, seq_ids, per_tok
-        ) / count.clamp_min(1)
+        per_seq = torch.zeros(num_seqs, device=logp.device).index_add_(0, seq_ids, per_tok) / count.clamp_min(
+            1
+        )
     else:
-        mean_d = torch.zeros(num_seqs, device=hidden.device).index_add_(0, seq_ids, d) / count.clamp_min(1)
+        mean_d = torch.zeros(num_seqs, device=logp.device).index_add_(0, seq_ids, d) / count.clamp_min(1)
         r = torch.exp(mean_d)
         per_seq = -torch.minimum(r * seq_adv, r.clamp(1 - CLIP, 1 + CLIP) * seq_adv)
     has = (count > 0).float()
@@ -213,22 +231,18 @@ def build_case(
             if provider == "naive-compile":
                 fn = torch.compile(naive_logprobs)
             return _no_grad(lambda: fn(x.hidden, x.weight, x.labels))
-        loss_fn = naive_ppo_loss
-        if provider == "naive-compile":
-            loss_fn = torch.compile(naive_ppo_loss)
+
+        def naive_ppo_loss(hidden, weight, labels, old_logps, advantages, seq_adv, seq_ids):
+            """The PPO-clip loss on materialised logits (the METHOD.md contract)."""
+            logp = naive_logprobs(hidden, weight, labels)
+            return ppo_loss_from_logps(
+                logp, labels, old_logps, advantages, seq_adv, seq_ids, x.num_seqs, level
+            )
+
+        loss_fn = torch.compile(naive_ppo_loss) if provider == "naive-compile" else naive_ppo_loss
 
         def naive_loss():
-            loss = loss_fn(
-                x.hidden,
-                x.weight,
-                x.labels,
-                x.old_logps,
-                x.advantages,
-                x.seq_adv,
-                x.seq_ids,
-                x.num_seqs,
-                level,
-            )
+            loss = loss_fn(x.hidden, x.weight, x.labels, x.old_logps, x.advantages, x.seq_adv, x.seq_ids)
             loss.backward()
             return loss.detach()
 
@@ -262,7 +276,35 @@ def build_case(
             return loss.detach()
 
         return liger_loss
+    if provider == "cce":
+        return _cce_case(mode, level, x, device)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def _cce_case(mode: str, level: str, x: Inputs, device: torch.device) -> Callable[[], torch.Tensor]:
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as exc:
+        raise Unavailable(f"cut_cross_entropy does not import: {exc}") from exc
+    impl = "cce" if device.type == "cuda" else "torch_compile"
+
+    def logps() -> torch.Tensor:
+        nll = linear_cross_entropy(
+            x.hidden, x.weight, x.labels, ignore_index=IGNORE_INDEX, reduction="none", impl=impl
+        )
+        return -nll.float()
+
+    if mode == "logprobs-fwd":
+        return _no_grad(logps)
+
+    def cce_loss():
+        loss = ppo_loss_from_logps(
+            logps(), x.labels, x.old_logps, x.advantages, x.seq_adv, x.seq_ids, x.num_seqs, level
+        )
+        loss.backward()
+        return loss.detach()
+
+    return cce_loss
 
 
 def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -297,7 +339,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else RESULTS_DIR / f"kernels-{device.type}.csv"
     log = CsvLog(out, COLUMNS)
-    env = environment(device)
+    env = dict(environment(device), cce=package_version("cut-cross-entropy"), load=load_average())
     torch.manual_seed(args.seed)
 
     ceiling = matmul_ceiling_tflops(device, dtype if device.type == "cuda" else torch.float32)
@@ -317,7 +359,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                     for level in levels if mode == "loss-fwd-bwd" else ["-"]:
                         row = dict(env, provider=provider, mode=mode, level=level, head=head, N=n, H=h, V=v,
                                    dtype=args.dtype, seq_len=seq_len, ceiling_tflops=ceiling)  # fmt: skip
-                        row["flops"] = (4 if mode == "loss-fwd-bwd" else 2) * n * h * v
+                        row["valid_tokens"] = valid_tokens(n, seq_len)
+                        row["flops"] = (4 if mode == "loss-fwd-bwd" else 2) * row["valid_tokens"] * h * v
                         key = (provider, mode, level, head)
                         if args.time_budget_s and time.monotonic() - start > args.time_budget_s:
                             log.write(
@@ -365,9 +408,13 @@ def bench_one(provider: str, mode: str, level: str, x: Inputs, device: torch.dev
         peak, _ = measure_peak(fn, device)
         output = x.hidden.numel() * x.hidden.element_size() if grad else x.hidden.shape[0] * 4
         x.hidden.grad = None
-        med, p20, p80 = time_fn(
-            fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, grad_to_none=[x.hidden]
-        )
+        med, p20, p80, reps = time_fn(
+            fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, grad_to_none=[x.hidden],
+            min_reps=args.min_reps,
+        )  # fmt: skip
+        if args.phases and provider.startswith("ours-"):
+            x.hidden.grad = None
+            row.update(phase_breakdown(fn, device, x.hidden.shape[1], x.weight.shape[0]))
     except Unavailable as exc:
         status, note = "unavailable", str(exc)
     except Exception as exc:
@@ -391,7 +438,7 @@ def bench_one(provider: str, mode: str, level: str, x: Inputs, device: torch.dev
     tflops = row["flops"] / (med * 1e-3) / 1e12
     ideal_ms = row["flops"] / (row["ceiling_tflops"] * 1e12) * 1e3
     row.update(
-        status="ok", median_ms=med, p20_ms=p20, p80_ms=p80, peak_extra_mib=peak / MIB, output_mib=output / MIB,
+        status="ok", median_ms=med, p20_ms=p20, p80_ms=p80, reps=reps, peak_extra_mib=peak / MIB, output_mib=output / MIB,
         tflops=tflops, ratio_to_ceiling=med / ideal_ms,
     )  # fmt: skip
     return "ok"
@@ -424,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:1 | cpu")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument(
+        "--min-reps", type=int, default=MIN_REPS, help="timed calls at least (p20/p80 need several)"
+    )
+    p.add_argument(
+        "--phases", action="store_true", help="GEMM1 / row / GEMM2 split of one profiled ours-* call"
+    )
     p.add_argument("--time-budget-s", type=float, default=0.0, help="stop starting new rows after this long")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

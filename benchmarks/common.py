@@ -18,6 +18,8 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1024.0**2
 GIB = 1024.0**3
+# Timed calls at least, per measurement: enough that p20 and p80 are two different samples.
+MIN_REPS = 5
 
 
 def apply_quick_defaults(args, parser, **quick) -> None:
@@ -53,6 +55,14 @@ def environment(device: torch.device) -> dict[str, str]:
         "bitsandbytes": package_version("bitsandbytes"),
         "liger": package_version("liger-kernel"),
     }
+
+
+def load_average() -> str:
+    """The 1-minute load average over the CPU count ("1.93/2"): how shared the machine was."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}/{os.cpu_count()}"
+    except OSError:
+        return ""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,21 +135,47 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def measure_peak(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """Runs ``fn`` once; returns (peak bytes allocated above what was allocated before, seconds).
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
-    On the CPU there is no allocator statistic: the peak is NaN.
+
+def _reset_cpu_peak() -> int | None:
+    """Resets the process's peak resident set (Linux ``clear_refs``); returns the resident KiB, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_kib("VmRSS")
+    except (OSError, KeyError):
+        return None
+
+
+def measure_peak(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Runs ``fn`` once; returns (peak bytes above what was in use before, seconds).
+
+    CUDA: the caching allocator's peak of allocated bytes. CPU (Linux): the peak resident set (VmHWM,
+    reset just before the call) minus the resident set before it, so one provider per process gives
+    comparable numbers; NaN where /proc offers no reset.
     """
     free_memory(device)
+    rss_before = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+    else:
+        gc.collect()
+        rss_before = _reset_cpu_peak()
     start = time.perf_counter()
     fn()
     synchronize(device)
     seconds = time.perf_counter() - start
     if device.type != "cuda":
-        return float("nan"), seconds
+        if rss_before is None:
+            return float("nan"), seconds
+        return float((_proc_status_kib("VmHWM") - rss_before) * 1024), seconds
     return float(torch.cuda.max_memory_allocated(device) - before), seconds
 
 
@@ -150,20 +186,29 @@ def time_fn(
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     grad_to_none: Sequence[torch.Tensor] | None = None,
-    min_reps: int = 3,
-) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds per call.
+    min_reps: int = MIN_REPS,
+) -> tuple[float, float, float, int]:
+    """(median, p20, p80) milliseconds per call and the number of timed calls.
 
-    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls). CPU: wall clock after one
-    warm-up call, at least ``min_reps`` calls and about ``rep_ms`` in all.
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls) over at least ``min_reps``
+    calls: do_bench times ``rep_ms / estimate`` calls, so its budget is raised to ``min_reps`` times one
+    call's time (a one-sample median of a 500 ms call says nothing about its spread). CPU: wall clock after
+    one warm-up call, at least ``min_reps`` calls and about ``rep_ms`` in all.
     """
     if device.type == "cuda":
         from triton.testing import do_bench
 
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        one_ms = (time.perf_counter() - start) * 1e3
+        rep = max(rep_ms, min_reps * one_ms * 1.2)
+        warmup = min(warmup_ms, 2 * one_ms)
+        reps = max(1, int(rep / max(one_ms, 1e-3)))
         med, p20, p80 = do_bench(
-            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none or []), quantiles=[0.5, 0.2, 0.8]
+            fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none or []), quantiles=[0.5, 0.2, 0.8]
         )
-        return float(med), float(p20), float(p80)
+        return float(med), float(p20), float(p80), reps
     fn()
     times: list[float] = []
     total = 0.0
@@ -175,7 +220,7 @@ def time_fn(
         times.append(time.perf_counter() - start)
         total += times[-1]
     times_ms = sorted(t * 1e3 for t in times)
-    return statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8)
+    return statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8), len(times)
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -195,5 +240,5 @@ def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype, size: int | 
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    med, _, _ = time_fn(lambda: torch.matmul(a, b), device, warmup_ms=50, rep_ms=200)
+    med, _, _, _ = time_fn(lambda: torch.matmul(a, b), device, warmup_ms=50, rep_ms=200)
     return 2.0 * size**3 / (med * 1e-3) / 1e12

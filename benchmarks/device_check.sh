@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validation + benchmarks in one run of at most ~8 minutes on one H100/H200 (see docs/benchmarks.md).
 #
-# Prepared on a CPU machine, before the GPU session:  bash ../shared/device/prepare-site.sh
+# Prepared on a CPU machine, before the GPU run:  bash ../shared/device/prepare-site.sh
 #   (builds .device-site: bitsandbytes, liger-kernel 0.8.5, ... that the GPU image lacks)
 # Run on the device, from the repository root, carrying .device-site:
 #   set -o pipefail; PYTHONUNBUFFERED=1 bash benchmarks/device_check.sh 2>&1 | tee $OUT/log.txt
@@ -48,30 +48,36 @@ for name in ("triton", "transformers", "peft", "accelerate", "bitsandbytes", "li
         print(name, "IMPORT FAILED:", type(exc).__name__, exc)
 EOF
 
-# Limits (s): 50 + 35 + 90 + 40 + 75 + 35 + 80 + 45 + 20 (plot) = 470, plus ~10 of start-up checks.
+# Limits (s): 45 + 30 + 75 + 35 + 55 + 30 + 75 + 45 + 55 + 15 (plot) = 460, plus ~10 of start-up checks.
+# Liger-Kernel runs last: its grad_h GEMM runs in float32 (slow on tensor cores), so its rows must not eat the
+# time of the others; the 32B head comes before any Liger row.
 # 1. kernel unit tests on the GPU (Triton compiled, not interpreted) and benchmark-size correctness
-phase pytest-kernels 50 bash -c "set -o pipefail; $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py \
+phase pytest-kernels 45 bash -c "set -o pipefail; $PY -m pytest -q -p no:cacheprovider tests/kernels \
   2>&1 | tee '$OUT/pytest.txt'"
-phase gpu-check 35 $PY -m benchmarks.gpu_check
+phase gpu-check 30 $PY -m benchmarks.gpu_check
 
-# 2. kernel sweep. First the targets' point (7B head, N=16384) with every provider but naive-compile, then
-#    naive-compile there (its compiles cost tens of seconds each), then the 7B head over N, then the 1.5B and
-#    32B heads at a few N.
-phase kernels-7b-16k 90 $PY -m benchmarks.bench_kernels --heads 7b --tokens 16k \
-  --providers ours-triton,ours-torch,naive,liger-grpo --time-budget-s 75
-phase kernels-7b-16k-compile 40 $PY -m benchmarks.bench_kernels --heads 7b --tokens 16k \
+# 2. kernel sweep without Liger. First the targets' point (7B head, N=16384) with the phase split, then
+#    naive-compile there (its compiles cost tens of seconds each), then the 7B head over N, then the 32B
+#    and 1.5B heads at a few N.
+phase kernels-7b-16k 75 $PY -m benchmarks.bench_kernels --heads 7b --tokens 16k \
+  --providers ours-triton,ours-torch,naive,cce --phases --time-budget-s 62
+phase kernels-7b-16k-compile 35 $PY -m benchmarks.bench_kernels --heads 7b --tokens 16k \
   --providers naive-compile --modes loss-fwd-bwd --levels sequence_geomean
-phase kernels-7b-sweep 75 $PY -m benchmarks.bench_kernels --heads 7b --tokens 2k,4k,8k,32k,64k \
-  --providers ours-triton,ours-torch,naive,liger-grpo --levels sequence_geomean --time-budget-s 62
-phase kernels-other-heads 35 $PY -m benchmarks.bench_kernels --heads 1.5b,32b --tokens 4k,16k,64k \
-  --providers ours-triton,naive,liger-grpo --modes loss-fwd-bwd --levels sequence_geomean --time-budget-s 27
+phase kernels-7b-sweep 55 $PY -m benchmarks.bench_kernels --heads 7b --tokens 2k,4k,8k,32k,64k \
+  --providers ours-triton,naive,cce --levels sequence_geomean --time-budget-s 44
+phase kernels-other-heads 30 $PY -m benchmarks.bench_kernels --heads 32b,1.5b --tokens 4k,16k,64k \
+  --providers ours-triton,naive --modes loss-fwd-bwd --levels sequence_geomean --time-budget-s 22
 
 # 3. one QLoRA step: 7B at full depth; QwQ-32B from 2 and 4 layers, extrapolated to 64
-phase e2e-7b 80 $PY -m benchmarks.bench_e2e --models qwen2.5-7b --tokens 4k,8k,16k
+phase e2e-7b 75 $PY -m benchmarks.bench_e2e --models qwen2.5-7b --tokens 4k,8k,16k
 phase e2e-32b 45 $PY -m benchmarks.bench_e2e --models qwq-32b --tokens 8k --layers 2,4
 
-# 4. plots + tables, and the files that come back
-phase plot 20 $PY -m benchmarks.plot $RES/kernels-cuda.csv $RES/e2e-cuda.csv --md $RES/summary-cuda.md \
+# 4. Liger last: the targets' point, then the 7B sweep and the 32B head, as far as its budget goes
+phase kernels-liger 55 $PY -m benchmarks.bench_kernels --heads 7b,32b --tokens 16k,4k,64k \
+  --providers liger-grpo --modes loss-fwd-bwd --time-budget-s 44
+
+# 5. plots + tables, and the files that come back
+phase plot 15 $PY -m benchmarks.plot $RES/kernels-cuda.csv $RES/e2e-cuda.csv --md $RES/summary-cuda.md \
   --title "GPU benchmark results"
 for f in kernels-cuda.csv e2e-cuda.csv gpu-check-cuda.csv summary-cuda.md; do
   [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/${f/-cuda.md/.md}"

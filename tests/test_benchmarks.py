@@ -13,9 +13,10 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import bench_e2e, bench_kernels, gpu_check, plot
-from benchmarks.common import CsvLog
+from benchmarks import bench_e2e, bench_kernels, gpu_check, phases, plot, side_by_side
+from benchmarks.common import MIN_REPS, CsvLog, measure_peak
 
 
 def _rows(path: Path) -> list[dict]:
@@ -58,7 +59,14 @@ def test_kernel_bench_quick_rows_agree_and_plot(tmp_path):
     for r in rows:
         assert r["device"] == "cpu" and r["head"] == "tiny" and r["H"] == "64" and r["V"] == "1003"
         assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
-        flops = (4 if r["mode"] == "loss-fwd-bwd" else 2) * int(r["N"]) * 64 * 1003
+        assert int(r["reps"]) >= MIN_REPS
+        # efficiency counts the valid (unmasked) tokens only: count them on the inputs themselves
+        x = bench_kernels.make_inputs(
+            int(r["N"]), 64, 1003, int(r["seq_len"]), torch.float32, torch.device("cpu"), 0
+        )
+        valid = int((x.labels != bench_kernels.IGNORE_INDEX).sum())
+        assert int(r["valid_tokens"]) == valid < int(r["N"])
+        flops = (4 if r["mode"] == "loss-fwd-bwd" else 2) * valid * 64 * 1003
         assert float(r["flops"]) == pytest.approx(flops)
         assert float(r["ratio_to_ceiling"]) == pytest.approx(
             float(r["median_ms"]) / (flops / (float(r["ceiling_tflops"]) * 1e12) * 1e3), rel=1e-3
@@ -82,6 +90,102 @@ def test_kernel_bench_quick_rows_agree_and_plot(tmp_path):
     text = md.read_text()
     assert "| N | ours-torch | naive |" in text
     assert "| 256 |" in text and "Targets at the 7b head" in text
+
+
+def test_cce_provider_matches_naive_where_it_imports():
+    pytest.importorskip("cut_cross_entropy")
+    x = bench_kernels.make_inputs(64, 16, 301, 32, torch.float32, torch.device("cpu"), 3)
+    x.hidden.requires_grad_(True)
+    values = {}
+    for provider in ("naive", "cce"):
+        for mode in ("logprobs-fwd", "loss-fwd-bwd"):
+            fn = bench_kernels.build_case(provider, mode, "sequence_geomean", x, torch.device("cpu"))
+            x.hidden.grad = None
+            values[provider, mode] = fn()
+            if mode == "loss-fwd-bwd":
+                values[provider, "grad"] = x.hidden.grad.clone()
+    for key in ("logprobs-fwd", "loss-fwd-bwd", "grad"):
+        torch.testing.assert_close(values["cce", key], values["naive", key], rtol=1e-4, atol=1e-5)
+
+
+def test_phase_split_names_the_two_gemms_by_shape():
+    assert phases.classify("aten::mm", [[7, 64], [64, 1003], [7, 1003]], 64, 1003) == "gemm1"
+    assert phases.classify("aten::mm", [[7, 1003], [1003, 64]], 64, 1003) == "gemm2"
+    assert phases.classify("aten::addmm", [[1003, 64], [1003, 7], [7, 64]], 64, 1003) is None
+    assert phases.classify("aten::mm", [[7, 5], [5, 9]], 64, 1003) is None
+    assert phases.classify("aten::logsumexp", [[7, 1003]], 64, 1003) is None
+    from o1pruner.kernels import linear_ppo_loss
+
+    x = bench_kernels.make_inputs(96, 64, 1003, 32, torch.float32, torch.device("cpu"), 1)
+    x.hidden.requires_grad_(True)
+
+    def call():
+        out = linear_ppo_loss(x.hidden, x.weight, x.labels, x.old_logps, x.advantages, seq_ids=x.seq_ids,
+                              backend="torch", chunk_size=16)  # fmt: skip
+        out.loss.backward()
+
+    split = phases.phase_breakdown(call, torch.device("cpu"), 64, 1003)
+    assert set(split) == set(phases.PHASES)
+    assert split["gemm1_ms"] > 0 and split["gemm2_ms"] > 0 and split["row_ms"] > 0
+
+
+def test_cpu_peak_memory_sees_a_large_temporary():
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs")
+    peak, _ = measure_peak(lambda: torch.ones(64, 2**20).sum(), torch.device("cpu"))  # 256 MiB
+    assert 200 * 2**20 <= peak <= 400 * 2**20
+
+
+def test_gpu_check_loss_scale_does_not_cancel():
+    """Two sequences with opposite advantages: the loss is ~0, the scale is mean_i |l_i|."""
+    labels = torch.tensor([5, 6, -100, 7, 8])
+    seq_ids = torch.tensor([0, 0, 0, 1, 1])
+    logp = torch.tensor([-1.0, -2.0, 0.0, -1.5, -1.5], dtype=torch.float64)
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0])
+    terms = gpu_check.sequence_terms(logp, logp, adv, labels, seq_ids, "sequence_geomean")
+    torch.testing.assert_close(terms, torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    assert gpu_check.loss_from_logps(logp, logp, adv, labels, seq_ids, "sequence_geomean") == 0.0
+    assert gpu_check.loss_scale(logp, logp, adv, labels, seq_ids, "sequence_geomean") == 1.0
+
+
+def test_side_by_side_ratios_summary_and_a_tiny_run(tmp_path):
+    with pytest.raises(SystemExit, match="HEAD:N"):
+        side_by_side.parse_cases("1.5b:many")
+    base = {"head": "1.5b", "N": "1024", "dtype": "fp32", "status": "ok", "note": "", "reps": "3"}
+    rows = [
+        dict(base, provider="ours-torch", median_ms="300", p20_ms="290", p80_ms="320", peak_extra_mib="40",
+             gemm1_ms="100", row_ms="90", gemm2_ms="100", other_ms="10"),
+        dict(base, provider="naive", median_ms="400", p20_ms="390", p80_ms="410", peak_extra_mib="1800",
+             gemm1_ms="", row_ms="", gemm2_ms="", other_ms=""),
+        dict(base, provider="liger-grpo", status="unavailable", note="liger_kernel does not import"),
+    ]  # fmt: skip
+    rt = side_by_side.ratios(rows, "ours-torch")
+    assert rt["naive_time"] == pytest.approx(0.75) and rt["naive_memory"] == pytest.approx(40 / 1800)
+    assert math.isnan(rt["liger_time"])
+    text = side_by_side.summary(rows, "ours-torch", "python -m benchmarks.side_by_side", ("1.0/2", "1.1/2"))
+    assert "| ours-torch time / naive | 0.75 | <= 1.0 | yes |" in text
+    assert "| ours-torch time / liger-grpo | nan | <= 0.8 | - |" in text
+    assert "| liger-grpo | unavailable |" in text and "100/90/100/10" in text
+    out = tmp_path / "sbs.csv"
+    argv = ["--cases", "tiny:64", "--dtypes", "fp32", "--providers", "ours-torch,naive", "--min-reps", "2",
+            "--seq-len", "32", "--out", str(out)]  # fmt: skip
+    assert side_by_side.main(argv) == 0
+    got = _rows(out)
+    assert [r["provider"] for r in got] == ["ours-torch", "naive"] and {r["status"] for r in got} == {"ok"}
+    assert got[0]["gemm1_ms"] and not got[1]["gemm1_ms"]
+    assert "## tiny head (H=64, V=1003), N=64, fp32" in out.with_suffix(".md").read_text()
+
+
+def test_device_check_runs_liger_last_and_fits_its_budget():
+    script = (Path(bench_kernels.__file__).parent / "device_check.sh").read_text().replace("\\\n", " ")
+    phases_ = re.findall(r"^phase (\S+) (\d+) (.*)$", script, flags=re.M)
+    assert sum(int(limit) for _, limit, _ in phases_) <= 480
+    names = [name for name, _, _ in phases_]
+    liger = [i for i, (_, _, cmd) in enumerate(phases_) if "liger-grpo" in cmd]
+    heads_32b = [i for i, (_, _, cmd) in enumerate(phases_) if "32b" in cmd and "liger-grpo" not in cmd]
+    assert liger == [len(names) - 2] and names[-1] == "plot"  # Liger, then only the plots
+    assert heads_32b and max(heads_32b) < liger[0]
+    assert "tests/kernels" in script
 
 
 def test_out_of_memory_is_a_row_and_stops_larger_n(tmp_path, monkeypatch):

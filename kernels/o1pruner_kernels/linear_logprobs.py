@@ -20,6 +20,7 @@ import operator
 import torch
 
 from ._common import IGNORE_INDEX, check_temperature, chunk_tokens, resolve_backend
+from .fused_logprobs import fused_logprobs
 from .gemm import addmm_f32, mm_f32
 from .logit_rows import logit_rows
 
@@ -252,9 +253,13 @@ def flat_logprobs(
         )
     else:
         with torch.no_grad():
-            logp, ent, _ = _forward_chunks(
-                h, w, labels, inv_t, ignore_index, backend, chunk, False, want_entropy
-            )
+            if backend == "triton" and h.device.type == "cuda" and not want_entropy:
+                # Scoring: one fused GEMM with an online-logsumexp epilogue, no logits tile.
+                logp, ent = fused_logprobs(h, w, labels, inv_t, ignore_index), None
+            else:
+                logp, ent, _ = _forward_chunks(
+                    h, w, labels, inv_t, ignore_index, backend, chunk, False, want_entropy
+                )
     ent = scatter_valid(ent, n, idx) if want_entropy else None
     return scatter_valid(logp, n, idx), ent
 
