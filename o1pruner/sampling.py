@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from o1pruner.grading import is_correct
 from o1pruner.io import DataError, append_jsonl, read_jsonl
+from o1pruner.options import check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT, encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -49,42 +50,46 @@ class SamplingConfig:
     redraws the lost batch exactly (up to kernel nondeterminism on a GPU).
     """
 
-    k: int = 16
-    temperature: float = 0.5
-    top_p: float = 0.8
-    max_new_tokens: int = 8192
-    seed: int = 0
-    backend: str = "hf"
-    batch_size: int = 64
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    gpu_memory_utilization: float = 0.85
-    quantization: str | None = None
+    k: int = option(
+        16,
+        "Solutions sampled per training problem (paper: 16 Marco-o1, 12 QwQ).",
+        stage="sample",
+        range="[1,)",
+    )
+    temperature: float = option(
+        0.5, "Sampling temperature of the pre-sampling.", stage="sample", range="[0,)"
+    )
+    top_p: float = option(0.8, "Top-p of the pre-sampling.", stage="sample", range="(0,1]")
+    max_new_tokens: int = option(8192, "Maximum new tokens per pre-sample.", stage="sample", range="[1,)")
+    backend: str = option(
+        "hf",
+        "Generation backend for pre-sampling: hf or vllm.",
+        stage="sample",
+        key="sampling_backend",
+        choices=BACKENDS,
+    )
+    batch_size: int = option(
+        64,
+        "Sequences per generate call (hf) / prompts per call (vllm).",
+        stage="sample",
+        key="sampling_batch_size",
+        range="[1,)",
+    )
+    gpu_memory_utilization: float = option(
+        0.85, "vLLM: fraction of GPU memory to use.", stage=None, range="(0,1]"
+    )
+    quantization: str | None = option(
+        None, "vLLM: weight quantization (e.g. bitsandbytes, fp8).", stage="sample"
+    )
+    seed: int = shared("seed", 0)
+    system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field with a bad value."""
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(
-                f"SamplingConfig.k must be an integer >= 1 (samples per problem), got {self.k!r}"
-            )
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(
-                f"SamplingConfig.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
-            )
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"SamplingConfig.batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"SamplingConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"SamplingConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
-            )
+        """Raise ConfigError (a ValueError) naming the first option with a bad value."""
+        check_options(self)
 
 
 @dataclass
