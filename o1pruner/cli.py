@@ -60,10 +60,20 @@ class ArgumentParser(argparse.ArgumentParser):
         match = re.search(r"unrecognized arguments: (\S+)", message)
         if match and match.group(1).startswith("--"):
             flag = match.group(1).split("=")[0]
-            close = difflib.get_close_matches(flag, [o for a in self._actions for o in a.option_strings], n=2)
+            close = difflib.get_close_matches(flag, sorted(_option_strings(self)), n=2)
             if close:
                 message += f" (did you mean {' or '.join(close)}?)"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every flag of ``parser`` and of its commands (argparse reports a command's unknown flag at the top)."""
+    out = {o for a in parser._actions for o in a.option_strings}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _option_strings(sub)
+    return out
 
 
 def _flag(name: str) -> str:
