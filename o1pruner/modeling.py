@@ -17,11 +17,14 @@ weight. Adapters (``lora``/``qlora``) are float32 as peft creates them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,6 +64,22 @@ def _resolve_dtype(torch_dtype: str | torch.dtype | None, device: str) -> torch.
     if torch_dtype not in _DTYPES:
         raise ValueError(f"torch_dtype={torch_dtype!r}: expected one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[torch_dtype]
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrap peft model construction: peft reads transformers' deprecated ``is_gradient_checkpointing``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, by the name this transformers version has."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _is_adapter_dir(path: str) -> bool:
@@ -125,7 +144,7 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing and mode != "none":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
 
     if mode in ("lora", "qlora"):
         import peft
@@ -134,7 +153,8 @@ def load_model(
             # Frozen embeddings give checkpointed layers inputs without grad; this keeps the graph alive.
             model.enable_input_require_grads()
         if adapter_path:
-            model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+            with peft_quietly():
+                model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
         else:
             cfg = peft.LoraConfig(
                 r=lora_r,
@@ -144,7 +164,8 @@ def load_model(
                 bias="none",
                 task_type="CAUSAL_LM",
             )
-            model = peft.get_peft_model(model, cfg)
+            with peft_quietly():
+                model = peft.get_peft_model(model, cfg)
     elif mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -162,7 +183,8 @@ def load_model(
         if adapter_path:
             import peft
 
-            model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+            with peft_quietly():
+                model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
         model.eval()
 
     if mode in ("full", "freeze"):

@@ -250,7 +250,7 @@ def build_training_set(
     out_path: str | os.PathLike | None,
     config: ScoringConfig,
 ) -> pa.Table:
-    """Score pre-samples and write ``scored.parquet`` atomically (columns: ``COLUMNS``, see INTERFACES.md).
+    """Score pre-samples and write ``scored.parquet`` atomically (columns: ``COLUMNS``, see docs/architecture.md).
 
     ``samples``: records as written by ``sample_problems`` (or the path of ``samples.jsonl``). ``model``:
     the frozen reference model (or a path, loaded with ``modeling.load_model(mode="none")``). Rows are in
