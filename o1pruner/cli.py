@@ -200,7 +200,7 @@ def run_toy_demo(args: argparse.Namespace | None = None) -> None:
     files and returns the pipeline settings pointing at them; the standard pipeline then runs unchanged.
     Flags given with the demo override its settings; they are checked before the toy model is built.
     """
-    from o1pruner.pipeline import Pipeline, _log
+    from o1pruner.pipeline import Pipeline, log_progress
     from o1pruner.toy import prepare_toy  # the single call site of the toy package
 
     user = _overrides(args) if args is not None else {}
@@ -212,8 +212,8 @@ def run_toy_demo(args: argparse.Namespace | None = None) -> None:
     resolve_config(config_file=config_file, overrides=user)  # bad flags fail before the toy is built
     output_dir = str(user.get("output_dir", DEMO_OUTPUT_DIR))
     seed = coerce_value("seed", user.get("seed", 0), "command line")
-    _log(f"toy demo: a tiny long-thinking model on running sums, run directory {output_dir}")
-    assets = prepare_toy(output_dir, seed, log=_log)
+    log_progress(f"toy demo: a tiny long-thinking model on running sums, run directory {output_dir}")
+    assets = prepare_toy(output_dir, seed, log=log_progress)
     cfg = resolve_config(
         base=assets.overrides, config_file=config_file, overrides={**user, "output_dir": output_dir}
     )

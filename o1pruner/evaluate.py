@@ -20,6 +20,7 @@ import numpy as np
 from o1pruner.io import append_jsonl, read_jsonl
 from o1pruner.options import check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT
+from o1pruner.records import eval_record
 from o1pruner.sampling import BACKENDS
 
 
@@ -210,7 +211,6 @@ def _generate_missing(
     """Generate and grade the missing responses of ``todo``, adding them to ``done`` (and ``out_path``)."""
     from tqdm.auto import tqdm
 
-    from o1pruner.grading import extract_answer, is_correct
     from o1pruner.prompts import encode_prompt
     from o1pruner.sampling import generate
 
@@ -231,17 +231,7 @@ def _generate_missing(
                 for j, gen in enumerate(gens[:n]):
                     if (pid, j) in done:
                         continue
-                    rec = {
-                        "problem_id": pid,
-                        "sample_index": j,
-                        "level": _attr(problem, "level"),
-                        "gold": gold,
-                        "extracted": extract_answer(gen.text),
-                        "correct": bool(is_correct(gen.text, gold)),
-                        "num_tokens": len(gen.token_ids),
-                        "finish_reason": gen.finish_reason,
-                        "text": gen.text,
-                    }
+                    rec = eval_record(pid, j, _attr(problem, "level"), gold, gen)
                     done[(pid, j)] = rec
                     new.append(rec)
             if out_path is not None:

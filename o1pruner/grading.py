@@ -89,7 +89,7 @@ def _braced_content(text: str, open_pos: int) -> str | None:
     return None
 
 
-def _last_box(text: str) -> tuple[bool, str | None]:
+def last_box(text: str) -> tuple[bool, str | None]:
     """(a box command was found, its content or None when cut off / empty)."""
     best, cmd = -1, ""
     for c in ("\\boxed", "\\fbox"):
@@ -156,7 +156,7 @@ def extract_answer(response: str) -> str | None:
         text = _after_thinking(text)
         if not text:
             return None
-        found, content = _last_box(text)
+        found, content = last_box(text)
         if found:
             return content
         return _answer_statement(text)
@@ -530,7 +530,7 @@ def answers_match(answer: str, gold: str, *, timeout: float | None = None) -> bo
         if a is None or g is None:
             return False
         if "\\boxed" in g or "\\fbox" in g:
-            found, content = _last_box(g)
+            found, content = last_box(g)
             if found and content is not None:
                 g = content
         if len(a) > MAX_VERIFY_CHARS or len(g) > MAX_VERIFY_CHARS:

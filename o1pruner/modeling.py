@@ -18,6 +18,7 @@ weight. Adapters (``lora``/``qlora``) are float32 as peft creates them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -199,7 +200,7 @@ def load_model(
     return model, tokenizer
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The transformers ``*ForCausalLM`` under any peft wrapper."""
     try:
         from peft import PeftModel
@@ -213,7 +214,7 @@ def _unwrap(model):
 
 def decoder_of(model) -> torch.nn.Module:
     """The decoder body whose ``last_hidden_state`` (after the final norm) feeds the lm_head."""
-    return _unwrap(model).get_decoder()
+    return unwrap_model(model).get_decoder()
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -225,7 +226,7 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
 
 def lm_head_weight(model) -> torch.Tensor:
     """The output projection weight (V, H), through peft wrappers and tied embeddings; never quantised."""
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap_model(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
     w = getattr(head, "weight", None)
@@ -305,7 +306,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False
 
 def _config_dtype(model) -> torch.dtype:
     """The dtype the model was loaded in (``config.dtype``), float32 when unknown."""
-    dtype = getattr(_unwrap(model).config, "dtype", None)
+    dtype = getattr(unwrap_model(model).config, "dtype", None)
     if isinstance(dtype, str):
         dtype = _DTYPES.get(dtype, getattr(torch, dtype, None))
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
@@ -333,3 +334,10 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def free_memory() -> None:
+    """Collect garbage and return cached CUDA memory (after a model or an optimizer is dropped)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -13,7 +13,6 @@ qlora the reference is the 4-bit model that is trained, so the importance ratio 
 
 from __future__ import annotations
 
-import gc
 import os
 import re
 import sys
@@ -22,29 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from o1pruner.config import STAGES, ConfigError, PipelineConfig
-from o1pruner.io import DataError, atomic_write_json, atomic_write_text
-from o1pruner.rundir import REPORT_FILES, check_run_dir
+from o1pruner.io import DataError, atomic_write_text
+from o1pruner.modeling import free_memory
+from o1pruner.rundir import check_run_dir
+from o1pruner.stages import report, sample, score, train
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _log(msg: str) -> None:
+def log_progress(msg: str) -> None:
     print(f"[o1pruner] {msg}", file=sys.stderr, flush=True)
 
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def check_model_source(model: str | None) -> str:
@@ -138,7 +128,7 @@ class LoadedModel:
 class Pipeline:
     """Runs the stages of one config in its run directory (``cfg.output_dir``)."""
 
-    def __init__(self, cfg: PipelineConfig, *, log: Callable[[str], None] = _log):
+    def __init__(self, cfg: PipelineConfig, *, log: Callable[[str], None] = log_progress):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.log = log
@@ -237,112 +227,6 @@ class Pipeline:
                 self._eval_problems = problems
         return self._eval_problems
 
-    # ------------------------------------------------------------------ stages
-    def stage_sample(self) -> None:
-        done = self.path("samples.done.json")
-        if done.exists():
-            self.log("sample: complete (samples.done.json), skipped")
-            return
-        from o1pruner.sampling import read_samples, sample_problems
-
-        problems = self.train_problems()
-        if self.cfg.sampling_backend == "vllm":
-            self.models.release()
-            model, tokenizer = self.cfg.model, self.models.tokenizer()
-        else:
-            model, tokenizer = self.models.reference(), self.models.tokenizer()
-        samples_path = self.path("samples.jsonl")
-        if samples_path.exists():
-            self.log("sample: resuming from samples.jsonl")
-        self.log(f"sample: {self.cfg.k} solutions for each of {len(problems)} problems")
-        sample_problems(problems, model, tokenizer, samples_path, self.cfg.sampling_config())
-        samples = read_samples(samples_path)
-        expected = len(problems) * self.cfg.k
-        if len(samples) < expected:
-            raise RuntimeError(
-                f"sampling stopped early: {len(samples)} of {expected} samples in {samples_path}"
-            )
-        atomic_write_json(done, {"num_problems": len(problems), "k": self.cfg.k, "num_samples": len(samples)})
-        if self.cfg.sampling_backend == "vllm":
-            free_memory()
-
-    def stage_score(self) -> None:
-        out = self.path("scored.parquet")
-        if out.exists():
-            self.log("score: complete (scored.parquet), skipped")
-            return
-        if not self.path("samples.done.json").exists():
-            raise DataError(
-                f"{self.run_dir}: no complete samples (samples.done.json); run the sample stage first"
-            )
-        from o1pruner.sampling import read_samples
-        from o1pruner.scoring import build_training_set
-
-        problems = self.train_problems()
-        samples = read_samples(self.path("samples.jsonl"))
-        model = self.models.reference()
-        self.log(f"score: rewards (lam={self.cfg.lam}) and reference log-probs of {len(samples)} samples")
-        build_training_set(  # atomic
-            problems, samples, model, self.models.tokenizer(), out, self.cfg.scoring_config()
-        )
-
-    def stage_train(self) -> None:
-        model_dir = self.path("model")
-        if (model_dir / "DONE").exists():
-            self.log("train: complete (model/DONE), skipped")
-            return
-        if not self.path("scored.parquet").exists():
-            raise DataError(f"{self.run_dir}: no scored.parquet; run the score stage first")
-        from o1pruner.modeling import save_model
-        from o1pruner.train import Trainer
-
-        model = self.models.reference()
-        if self.path("checkpoints").exists():
-            self.log("train: resuming from checkpoints/")
-        trainer = Trainer(model, self.path("scored.parquet"), self.cfg.train_config(), self.run_dir)
-        trainer.train(resume=True)
-        del trainer  # optimizer state and gradients go before evaluation
-        free_memory()
-        self.models.state = "tuned"
-        model.eval()
-        save_model(
-            model, self.models.tokenizer(), model_dir, merge=self.cfg.merge
-        )  # atomic, writes model/DONE
-        self.log(f"train: tuned model saved to {model_dir}{' (merged)' if self.cfg.merge else ''}")
-
-    def _evaluate(self, name: str, get_model: Callable[[], Any], path_for_vllm: Callable[[], str]) -> dict:
-        import json
-
-        from o1pruner.evaluate import evaluate_model
-
-        out = self.path(f"eval/{name}.json")
-        if out.exists():
-            self.log(f"eval {name}: complete (eval/{name}.json), skipped")
-            return json.loads(out.read_text(encoding="utf-8"))
-        problems = self.eval_problems()
-        if self.cfg.eval_backend == "vllm":
-            self.models.release()
-            model = path_for_vllm()
-        else:
-            model = get_model()
-        self.log(f"eval {name}: {len(problems)} problems")
-        result = evaluate_model(
-            model,
-            self.models.tokenizer(),
-            problems,
-            self.cfg.eval_config(),
-            out_path=self.path(f"eval/{name}_responses.jsonl"),
-            desc=f"eval {name}",
-        )
-        atomic_write_json(out, result)
-        return result
-
-    def eval_base(self) -> dict:
-        return self._evaluate("base", self.models.reference, lambda: str(self.cfg.model))
-
-    def eval_tuned(self) -> dict:
-        return self._evaluate("tuned", self.models.tuned, lambda: str(self.path("model")))
-
     # ------------------------------------------------------------------ driver
     def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any] | None:
         """Run ``stages`` (in pipeline order); returns the eval.json content when "eval" ran.
@@ -358,20 +242,20 @@ class Pipeline:
         result = None
         try:
             if "sample" in stages:
-                self.stage_sample()
+                sample.run(self)
             if "score" in stages:
-                self.stage_score()
+                score.run(self)
             if "train" in stages:
                 if evaluate and not self.path("model/DONE").exists() and self.cfg.eval_backend == "hf":
                     # Evaluate the reference while it is loaded, before training changes it.
-                    self.eval_base()
-                self.stage_train()
+                    evaluate.base(self)
+                train.run(self)
             if evaluate:
                 if not self.path("model/DONE").exists():
                     raise DataError(
                         f"{self.run_dir}: no complete tuned model (model/DONE); run the train stage first"
                     )
-                result = self.report(self.eval_base(), self.eval_tuned())
+                result = report.run(self, evaluate.base(self), evaluate.tuned(self))
             elif "eval" in stages:
                 self.log(
                     f"no evaluation done: no --eval-dataset given; the tuned model is in {self.path('model')}"
@@ -379,32 +263,6 @@ class Pipeline:
         finally:
             self.models.release()
         return result
-
-    def report_is_current(self) -> bool:
-        """All report files exist and are newer than both evaluations and the training log."""
-        paths = [self.path(p) for p in REPORT_FILES]
-        if not all(p.exists() for p in paths):
-            return False
-        oldest = min(p.stat().st_mtime for p in paths)
-        inputs = [self.path("eval/base.json"), self.path("eval/tuned.json"), self.path("metrics.jsonl")]
-        return all(not p.exists() or p.stat().st_mtime <= oldest for p in inputs)
-
-    def report(self, base: dict, tuned: dict) -> dict:
-        import json
-
-        from o1pruner.report import print_summary, write_report
-
-        if self.report_is_current():
-            self.log("report: up to date, skipped")
-            doc = json.loads(self.path("eval.json").read_text(encoding="utf-8"))
-        else:
-            doc = write_report(self.run_dir, base, tuned, config=self.cfg.to_dict())
-        print_summary(base, tuned)
-        self.log(
-            f"report: {self.path('report.md')}, summary: {self.path('summary.md')}, "
-            f"tuned model: {self.path('model')}"
-        )
-        return doc
 
 
 def run_pipeline(cfg: PipelineConfig, stages: Sequence[str] = STAGES) -> dict[str, Any] | None:

@@ -28,16 +28,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from o1pruner.grading import is_correct
-from o1pruner.io import DataError, append_jsonl, read_jsonl
+from o1pruner.io import DataError, append_jsonl
 from o1pruner.options import check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT, encode_prompt
+from o1pruner.records import SAMPLE_KEYS, read_samples, sample_record
+
+__all__ = ["SAMPLE_KEYS", "SamplingConfig", "generate", "read_samples", "sample_problems"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("hf", "vllm")
-FINISH_REASONS = ("stop", "length")
-SAMPLE_KEYS = ("problem_id", "sample_index", "text", "token_ids", "num_tokens", "finish_reason", "correct")
 
 
 @dataclass
@@ -443,58 +443,6 @@ def generate(
     return _hf_generate(model, tokenizer, prompts_ids, n, config, seed_offset)
 
 
-def read_samples(path: str | os.PathLike) -> list[dict]:
-    """Read ``samples.jsonl``: a partial last line (killed writer) is skipped, duplicates of a
-    (problem_id, sample_index) pair are dropped (first wins), and every record is checked (DataError naming
-    the line and key)."""
-    path = Path(path)
-    records = read_jsonl(path, tolerate_partial_tail=True)
-    seen: set[tuple[str, int]] = set()
-    out = []
-    for lineno, rec in enumerate(records, start=1):
-        _validate_record(rec, f"{path}, record {lineno}")
-        key = (rec["problem_id"], rec["sample_index"])
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(rec)
-    return out
-
-
-def _validate_record(rec: dict, where: str) -> None:
-    missing = [k for k in SAMPLE_KEYS if k not in rec]
-    if missing:
-        raise DataError(f"{where}: missing key(s) {missing}")
-    checks = (
-        ("problem_id", isinstance(rec["problem_id"], str)),
-        ("sample_index", isinstance(rec["sample_index"], int) and rec["sample_index"] >= 0),
-        ("text", isinstance(rec["text"], str)),
-        (
-            "token_ids",
-            isinstance(rec["token_ids"], list) and all(isinstance(t, int) for t in rec["token_ids"]),
-        ),
-        ("num_tokens", isinstance(rec["num_tokens"], int) and rec["num_tokens"] == len(rec["token_ids"])),
-        ("finish_reason", rec["finish_reason"] in FINISH_REASONS),
-        ("correct", isinstance(rec["correct"], bool)),
-    )
-    for key, ok in checks:
-        if not ok:
-            value = rec[key] if key != "token_ids" else f"list of {len(rec[key])}"
-            raise DataError(f"{where}: bad value for key {key!r}: {value!r}")
-
-
-def _record(problem: Any, index: int, gen: Generation) -> dict:
-    return {
-        "problem_id": problem.id,
-        "sample_index": index,
-        "text": gen.text,
-        "token_ids": gen.token_ids,
-        "num_tokens": len(gen.token_ids),
-        "finish_reason": gen.finish_reason,
-        "correct": bool(is_correct(gen.text, problem.answer)),
-    }
-
-
 def sample_problems(
     problems: Sequence[Any],
     model_or_path: Any,
@@ -542,7 +490,7 @@ def sample_problems(
     bar.set_postfix(problems=f"{sum(r == 0 for r in remaining.values())}/{len(problems)}")
 
     def commit(pairs: list[tuple[Any, int]], gens: list[Generation]) -> None:
-        records = [_record(p, i, g) for (p, i), g in zip(pairs, gens)]
+        records = [sample_record(p, i, g) for (p, i), g in zip(pairs, gens)]
         append_jsonl(out_path, records)
         for rec, (p, _) in zip(records, pairs):
             done[(rec["problem_id"], rec["sample_index"])] = rec

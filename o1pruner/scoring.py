@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from o1pruner.io import DataError, atomic_path
 from o1pruner.options import bad_value, check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT, encode_prompt
+from o1pruner.records import read_samples, validate_sample
 from o1pruner.reward import length_harmonizing_reward, postprocess_rewards
-from o1pruner.sampling import _validate_record, read_samples
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def build_training_set(
     by_id = {p.id: p for p in problems}
     grouped: dict[str, dict[int, dict]] = {pid: {} for pid in by_id}
     for n, rec in enumerate(samples):
-        _validate_record(rec, f"sample {n}")
+        validate_sample(rec, f"sample {n}")
         pid, idx = rec["problem_id"], rec["sample_index"]
         if pid not in by_id:
             raise DataError(

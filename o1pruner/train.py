@@ -20,11 +20,8 @@ import json
 import logging
 import math
 import os
-import random
-import re
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import DataError, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from . import checkpoint
+from .io import DataError, append_jsonl, atomic_write_text, read_jsonl
 from .modeling import last_hidden_states, lm_head_weight
 from .options import bad_value, check_options, option, shared
 from .packing import (
@@ -43,6 +41,7 @@ from .packing import (
     packed_attention_kwargs,
     plan_micro_batches,
 )
+from .trackers import log_scalars, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,6 @@ REDUCTIONS = ("sequence_mean", "token_mean")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 REPORT_TARGETS = ("tensorboard", "wandb")
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -393,7 +391,7 @@ class Trainer:
                 }
                 if self.global_step % max(1, c.logging_every) == 0 or self.global_step == last:
                     append_jsonl(self.metrics_path, [row])
-                    self._report(row)
+                    log_scalars(self._writers, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", clip=f"{row['clip_fraction']:.3f}")
                 bar.update(1)
                 if (c.save_every and self.global_step % c.save_every == 0) or self.global_step == last:
@@ -422,141 +420,26 @@ class Trainer:
                 if r.get("step", 0) <= self.global_step
             ]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        self._open_writers()
-
-    def _open_writers(self) -> None:
-        for name in self.config.report_to:
-            try:
-                if name == "tensorboard":
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._writers.append(SummaryWriter(str(self.output_dir / "tensorboard")))
-                elif name == "wandb":
-                    import wandb
-
-                    run = wandb.init(
-                        project="o1pruner",
-                        dir=str(self.output_dir),
-                        config=asdict(self.config),
-                        resume="allow",
-                    )
-                    self._writers.append(_WandbWriter(run))
-            except ImportError as e:
-                log.warning("report_to=%s requested but not installed (%s); skipping it", name, e)
-
-    def _report(self, row: dict) -> None:
-        for w in self._writers:
-            for k, v in row.items():
-                if k not in ("step",) and isinstance(v, (int, float)) and v is not None:
-                    w.add_scalar(f"train/{k}", v, row["step"])
+        self._writers = open_trackers(self.config.report_to, self.output_dir, asdict(self.config))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete ``checkpoints/step-N`` (complete ones are renamed into place, never partial)."""
-        if not self.checkpoint_dir.is_dir():
-            return None
-        steps = []
-        for d in self.checkpoint_dir.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and d.is_dir() and (d / "trainer_state.json").exists():
-                steps.append((int(m.group(1)), d))
-        return max(steps)[1] if steps else None
+        """The newest complete ``checkpoints/step-N`` (see :mod:`o1pruner.checkpoint`)."""
+        return checkpoint.latest_checkpoint(self.checkpoint_dir)
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` atomically, then point ``checkpoints/last`` at it."""
-        from safetensors.torch import save_file
-
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        name = f"step-{self.global_step}"
-        final = self.checkpoint_dir / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.checkpoint_dir))
-        try:
-            save_file(
-                {n: p.detach().contiguous().cpu() for n, p in self.named_params},
-                tmp / "trainable.safetensors",
-            )
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            rng = {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            }
-            torch.save(rng, tmp / "rng.pt")
-            epoch, pos = divmod(self.global_step, self.steps_per_epoch)
-            state = {
-                "global_step": self.global_step,
-                "epoch": epoch,
-                "step_in_epoch": pos,
-                "order": self.epoch_order(epoch).tolist(),
-                "elapsed": self.elapsed,
-                "total_steps": self.total_steps,
-                "num_rows": len(self.data),
-                "config": asdict(self.config),
-            }
-            atomic_write_json(tmp / "trainer_state.json", state)  # written last: marks the folder complete
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        atomic_write_text(self.checkpoint_dir / "last", name + "\n")
-        return final
+        return checkpoint.save_checkpoint(self)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore trainable weights, optimizer, scheduler, RNG states and the data position."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        if state["num_rows"] != len(self.data) or state["total_steps"] != self.total_steps:
-            raise ValueError(
-                f"{path}: checkpoint of a run with {state['num_rows']} rows / {state['total_steps']} steps, "
-                f"but this run has {len(self.data)} rows / {self.total_steps} steps (different data or config)"
-            )
-        if state["order"] != self.epoch_order(state["epoch"]).tolist():
-            raise ValueError(f"{path}: data order differs from this run's (different seed?)")
-        weights = load_file(path / "trainable.safetensors")
-        names = {n for n, _ in self.named_params}
-        if set(weights) != names:
-            raise ValueError(f"{path}: trainable parameters differ: {sorted(set(weights) ^ names)[:5]}")
-        with torch.no_grad():
-            for n, p in self.named_params:
-                p.copy_(weights[n].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
-        )
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.global_step = state["global_step"]
-        self.elapsed = state["elapsed"]
-
-
-class _WandbWriter:
-    def __init__(self, run):
-        self.run = run
-
-    def add_scalar(self, key, value, step):
-        self.run.log({key: value}, step=step)
-
-    def close(self):
-        self.run.finish()
+        checkpoint.load_checkpoint(self, path)
 
 
 def _unwrap_config(model):
-    from .modeling import _unwrap
+    from .modeling import unwrap_model
 
-    return _unwrap(model).config
+    return unwrap_model(model).config
 
 
 def _peak_memory_gb(device: torch.device) -> float:
