@@ -140,6 +140,18 @@ class Pipeline:
     def path(self, rel: str) -> Path:
         return self.run_dir / rel
 
+    def is_complete(self, stage: str, marker: str) -> bool:
+        """Whether ``stage``'s complete output ``marker`` exists (then the stage is skipped, and says so)."""
+        if self.path(marker).exists():
+            self.log(f"{stage}: complete ({marker}), skipped")
+            return True
+        return False
+
+    def require(self, marker: str, producer: str) -> None:
+        """DataError unless the complete output ``marker`` of stage ``producer`` exists."""
+        if not self.path(marker).exists():
+            raise DataError(f"{self.run_dir}: no {marker} (complete output); run the {producer} stage first")
+
     def has_eval_set(self) -> bool:
         return bool(self.cfg.eval_dataset) or self.path("problems/eval.jsonl").exists()
 
@@ -251,10 +263,7 @@ class Pipeline:
                     evaluate.base(self)
                 train.run(self)
             if evaluate:
-                if not self.path("model/DONE").exists():
-                    raise DataError(
-                        f"{self.run_dir}: no complete tuned model (model/DONE); run the train stage first"
-                    )
+                self.require("model/DONE", "train")
                 result = report.run(self, evaluate.base(self), evaluate.tuned(self))
             elif "eval" in stages:
                 self.log(

@@ -51,10 +51,7 @@ class SamplingConfig:
     """
 
     k: int = option(
-        16,
-        "Solutions sampled per training problem (paper: 16 Marco-o1, 12 QwQ).",
-        stage="sample",
-        range="[1,)",
+        16, "Solutions per training problem (paper: 16 Marco-o1, 12 QwQ).", stage="sample", range="[1,)"
     )
     temperature: float = option(
         0.5, "Sampling temperature of the pre-sampling.", stage="sample", range="[0,)"

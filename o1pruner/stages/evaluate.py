@@ -18,8 +18,7 @@ def evaluate(p: Pipeline, name: str, get_model: Callable[[], Any], path_for_vllm
     from o1pruner.evaluate import evaluate_model
 
     out = p.path(f"eval/{name}.json")
-    if out.exists():
-        p.log(f"eval {name}: complete (eval/{name}.json), skipped")
+    if p.is_complete(f"eval {name}", f"eval/{name}.json"):
         return json.loads(out.read_text(encoding="utf-8"))
     problems = p.eval_problems()
     if p.cfg.eval_backend == "vllm":

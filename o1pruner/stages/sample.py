@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 def run(p: Pipeline) -> None:
     """Draw the missing samples into ``samples.jsonl``; mark the stage done (skipped when done)."""
     done = p.path("samples.done.json")
-    if done.exists():
-        p.log("sample: complete (samples.done.json), skipped")
+    if p.is_complete("sample", "samples.done.json"):
         return
     from o1pruner.sampling import read_samples, sample_problems
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from o1pruner.io import DataError
+from o1pruner.records import read_samples
 
 if TYPE_CHECKING:
     from o1pruner.pipeline import Pipeline
@@ -13,12 +13,9 @@ if TYPE_CHECKING:
 def run(p: Pipeline) -> None:
     """Write ``scored.parquet`` from the complete samples (skipped when it exists)."""
     out = p.path("scored.parquet")
-    if out.exists():
-        p.log("score: complete (scored.parquet), skipped")
+    if p.is_complete("score", "scored.parquet"):
         return
-    if not p.path("samples.done.json").exists():
-        raise DataError(f"{p.run_dir}: no complete samples (samples.done.json); run the sample stage first")
-    from o1pruner.sampling import read_samples
+    p.require("samples.done.json", "sample")
     from o1pruner.scoring import build_training_set
 
     problems = p.train_problems()

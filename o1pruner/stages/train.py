@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from o1pruner.io import DataError
 from o1pruner.modeling import free_memory
 
 if TYPE_CHECKING:
@@ -14,11 +13,9 @@ if TYPE_CHECKING:
 def run(p: Pipeline) -> None:
     """Train the reference model on ``scored.parquet`` and save it to ``model/`` (skipped when done)."""
     model_dir = p.path("model")
-    if (model_dir / "DONE").exists():
-        p.log("train: complete (model/DONE), skipped")
+    if p.is_complete("train", "model/DONE"):
         return
-    if not p.path("scored.parquet").exists():
-        raise DataError(f"{p.run_dir}: no scored.parquet; run the score stage first")
+    p.require("scored.parquet", "score")
     from o1pruner.modeling import save_model
     from o1pruner.train import Trainer
 
