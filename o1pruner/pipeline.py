@@ -24,7 +24,7 @@ from o1pruner.config import STAGES, ConfigError, PipelineConfig
 from o1pruner.io import DataError, atomic_write_text
 from o1pruner.modeling import free_memory
 from o1pruner.rundir import check_run_dir
-from o1pruner.stages import report, sample, score, train
+from o1pruner.stages import evaluate, report, sample, score, train
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -250,7 +250,7 @@ class Pipeline:
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
         self.prepare(self.preflight(stages))
-        evaluate = "eval" in stages and self.has_eval_set()
+        do_eval = "eval" in stages and self.has_eval_set()
         result = None
         try:
             if "sample" in stages:
@@ -258,11 +258,11 @@ class Pipeline:
             if "score" in stages:
                 score.run(self)
             if "train" in stages:
-                if evaluate and not self.path("model/DONE").exists() and self.cfg.eval_backend == "hf":
+                if do_eval and not self.path("model/DONE").exists() and self.cfg.eval_backend == "hf":
                     # Evaluate the reference while it is loaded, before training changes it.
                     evaluate.base(self)
                 train.run(self)
-            if evaluate:
+            if do_eval:
                 self.require("model/DONE", "train")
                 result = report.run(self, evaluate.base(self), evaluate.tuned(self))
             elif "eval" in stages:

@@ -245,12 +245,18 @@ def test_every_option_reaches_the_code_that_uses_it():
     consumer's code reads that field: a declared option cannot silently be a no-op (as max_steps was)."""
     import inspect
 
-    from o1pruner import evaluate, modeling, pipeline, sampling, scoring, train
+    from o1pruner import evaluate, modeling, pipeline, sampling, scoring, stages, train
+    from o1pruner.stages import evaluate as eval_stage
+    from o1pruner.stages import report, sample, score
+    from o1pruner.stages import train as train_stage
 
+    driver = inspect.getsource(pipeline) + "".join(
+        inspect.getsource(m) for m in (stages, sample, score, train_stage, eval_stage, report)
+    )
     consumers = {  # section -> source of the code that receives that section
-        "run": inspect.getsource(pipeline),
-        "model_config": inspect.getsource(pipeline) + inspect.getsource(ModelConfig.load_kwargs),
-        "data": inspect.getsource(pipeline),
+        "run": driver,
+        "model_config": driver + inspect.getsource(ModelConfig.load_kwargs),
+        "data": driver,
         "sampling": inspect.getsource(sampling),
         "scoring": inspect.getsource(scoring),
         "training": inspect.getsource(train),

@@ -41,9 +41,9 @@ def evaluate(p: Pipeline, name: str, get_model: Callable[[], Any], path_for_vllm
 
 def base(p: Pipeline) -> dict:
     """The base (reference) model's evaluation."""
-    return p._evaluate("base", p.models.reference, lambda: str(p.cfg.model))
+    return evaluate(p, "base", p.models.reference, lambda: str(p.cfg.model))
 
 
 def tuned(p: Pipeline) -> dict:
     """The tuned model's evaluation."""
-    return p._evaluate("tuned", p.models.tuned, lambda: str(p.path("model")))
+    return evaluate(p, "tuned", p.models.tuned, lambda: str(p.path("model")))

@@ -12,12 +12,12 @@ if TYPE_CHECKING:
 
 def is_current(p: Pipeline) -> bool:
     """All report files exist and are newer than both evaluations and the training log."""
-    paths = [p.path(p) for p in REPORT_FILES]
-    if not all(p.exists() for p in paths):
+    paths = [p.path(rel) for rel in REPORT_FILES]
+    if not all(f.exists() for f in paths):
         return False
-    oldest = min(p.stat().st_mtime for p in paths)
+    oldest = min(f.stat().st_mtime for f in paths)
     inputs = [p.path("eval/base.json"), p.path("eval/tuned.json"), p.path("metrics.jsonl")]
-    return all(not p.exists() or p.stat().st_mtime <= oldest for p in inputs)
+    return all(not f.exists() or f.stat().st_mtime <= oldest for f in inputs)
 
 
 def run(p: Pipeline, base: dict, tuned: dict) -> dict:
@@ -26,7 +26,7 @@ def run(p: Pipeline, base: dict, tuned: dict) -> dict:
 
     from o1pruner.report import print_summary, write_report
 
-    if p.report_is_current():
+    if is_current(p):
         p.log("report: up to date, skipped")
         doc = json.loads(p.path("eval.json").read_text(encoding="utf-8"))
     else:
