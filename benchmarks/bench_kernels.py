@@ -233,7 +233,7 @@ def build_case(
             return _no_grad(lambda: fn(x.hidden, x.weight, x.labels))
 
         def naive_ppo_loss(hidden, weight, labels, old_logps, advantages, seq_adv, seq_ids):
-            """The PPO-clip loss on materialised logits (the METHOD.md contract)."""
+            """The PPO-clip loss on materialised logits (the contract in docs/method.md)."""
             logp = naive_logprobs(hidden, weight, labels)
             return ppo_loss_from_logps(
                 logp, labels, old_logps, advantages, seq_adv, seq_ids, x.num_seqs, level

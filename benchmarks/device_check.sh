@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU validation + benchmarks in one run of at most ~8 minutes on one H100/H200 (see docs/benchmarks.md).
 #
-# Prepared on a CPU machine, before the GPU run:  bash ../shared/device/prepare-site.sh
-#   (builds .device-site: bitsandbytes, liger-kernel 0.8.5, ... that the GPU image lacks)
-# Run on the device, from the repository root, carrying .device-site:
+# Needs torch, triton, transformers, peft, a CUDA build of bitsandbytes and liger-kernel; packages missing
+# from the GPU machine's environment may be unpacked into .device-site/ (put on PYTHONPATH below).
+# Run from the repository root, with OUT set to a folder for the results:
 #   set -o pipefail; PYTHONUNBUFFERED=1 bash benchmarks/device_check.sh 2>&1 | tee $OUT/log.txt
 # Every phase has its own time limit, so one that hangs or runs long cannot eat the later ones; the CSVs
 # are appended row by row, so a phase cut off keeps what it measured. Files copied to $OUT (8 at most):

@@ -1,11 +1,18 @@
-"""The pipeline's one flat configuration: every field is a YAML key and a ``--flag``.
+"""The pipeline's configuration: the stage configs composed, every option a flat YAML key and a ``--flag``.
+
+Each option is declared once, as a field of the config that uses it (:mod:`o1pruner.options`):
+:class:`RunConfig`, :class:`ModelConfig` and :class:`DataConfig` here, ``SamplingConfig``,
+``ScoringConfig``, ``TrainConfig`` and ``EvalConfig`` in their stage modules. :class:`PipelineConfig`
+holds one of each and reads and writes the options by their flat keys (``cfg.k``, ``cfg.max_steps``), so
+a user's YAML and flags stay flat while each stage receives its own config object whole.
 
 Values come, lowest priority first, from the field defaults, a packaged recipe (``--recipe NAME``, read
 from ``o1pruner/recipes/NAME.yaml``), a YAML file (``--config FILE``) and the command-line flags. Bad
 input (an unknown key, a value of the wrong type, ``lam < 0``, ``k < 1``, a local model path that does not
-exist) raises :class:`ConfigError`, which the CLI turns into one message on stderr and exit code 2.
+exist) raises :class:`ConfigError` naming the layer the value came from; the CLI turns it into one message
+on stderr and exit code 2.
 
-Each field's metadata carries its help text and the first pipeline stage whose result it changes
+Each option's metadata carries its help text and the first pipeline stage whose result it changes
 (``stage``); ``None`` means it changes no result (logging, batch sizes of pure inference, ...). The run
 directory uses this to decide whether an existing output folder is compatible with a new config.
 """
@@ -13,17 +20,35 @@ directory uses this to decide whether an existing output folder is compatible wi
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
-STAGES = ("sample", "score", "train", "eval")
+from o1pruner.evaluate import EvalConfig
+from o1pruner.options import (
+    STAGES,
+    ConfigError,
+    bad_value,
+    check_options,
+    flat_key,
+    option,
+    option_fields,
+    strip_optional,
+    suggest,
+)
+from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT
+from o1pruner.sampling import SamplingConfig
+from o1pruner.scoring import ScoringConfig
+from o1pruner.train import TrainConfig
+
+__all__ = ["STAGES", "ConfigError", "PipelineConfig", "resolve_config"]
+
 # Help groups, in the order shown by --help.
 GROUPS = {
     "run": "run directory",
@@ -35,374 +60,89 @@ GROUPS = {
     "eval": "stage 4: evaluation of the base and the tuned model",
 }
 MODES = ("qlora", "lora", "full", "freeze")
-BACKENDS = ("hf", "vllm")
-IMPORTANCE_LEVELS = ("token", "sequence", "sequence_geomean")
-REDUCTIONS = ("sequence_mean", "token_mean")
-OPTIMIZERS = ("adamw", "paged_adamw_8bit")
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-class ConfigError(ValueError):
-    """A bad configuration value or file; the message names the key, value and file."""
+def looks_local(path: str) -> bool:
+    """True for strings that can only mean a local path (not a Hub id like ``org/name``)."""
+    return (
+        path.startswith(("/", "./", "../", "~", "."))
+        or path.count("/") > 1
+        or "\\" in path
+        or Path(path).suffix.lower() in LOCAL_SUFFIXES
+    )
 
 
-def _f(default: Any, help: str, group: str, stage: str | None, *, choices: tuple | None = None, **kw) -> Any:
-    meta = {"help": help, "group": group, "stage": stage, "choices": choices}
-    return field(default=default, metadata=meta, **kw)
+def local_path(key: str, value: str | None) -> str | None:
+    """``value`` made absolute when it names a local path (which must exist); Hub names pass unchanged.
+
+    Absolute paths keep config.yaml (and a saved adapter's base path) valid from any working directory,
+    and "./m" vs "m" is not taken for a different model by the run-directory check.
+    """
+    if value is None:
+        return None
+    if looks_local(value) and not Path(os.path.expanduser(value)).exists():
+        raise ConfigError(f"{key} = {value!r}: no such file or directory", key=key)
+    if looks_local(value) or os.path.exists(value):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
 
 
 @dataclass
-class PipelineConfig:
-    """Every setting of ``o1pruner-train``; defaults follow the paper (arXiv 2501.12570) on one GPU."""
+class RunConfig:
+    """Where a run keeps its outputs, and the seed every stage derives its randomness from."""
 
-    # run
-    output_dir: str = _f("runs/o1pruner", "Run directory: every stage's outputs, resumable.", "run", None)
-    seed: int = _f(0, "Random seed (sampling, sample selection, training order).", "run", "sample")
-    # model
-    model: str | None = _f(
-        None, "Base (reference) model: Hugging Face id or local folder.", "model", "sample"
+    output_dir: str = option("runs/o1pruner", "Run directory: every stage's outputs, resumable.", stage=None)
+    seed: int = option(0, "Random seed (sampling, sample selection, training order).", stage="sample")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class ModelConfig:
+    """The base (reference) model and how it is loaded for fine-tuning (``modeling.load_model``)."""
+
+    model: str | None = option(
+        None, "Base (reference) model: Hugging Face id or local folder.", stage="sample"
     )
-    mode: str = _f(
+    mode: str = option(
         "qlora",
         "Fine-tuning mode: qlora (4-bit base + LoRA), lora, full, freeze (train only the last N layers). "
         "The model is loaded once in this mode and also serves sampling and scoring (pi_ref).",
-        "model",
-        "sample",
+        stage="sample",
         choices=MODES,
     )
-    lora_r: int = _f(16, "LoRA rank.", "model", "train")
-    lora_alpha: int = _f(32, "LoRA alpha.", "model", "train")
-    lora_dropout: float = _f(0.0, "LoRA dropout.", "model", "train")
-    lora_target: str = _f(
-        "all-linear", "LoRA target modules ('all-linear' or comma-separated names).", "model", "train"
+    lora_r: int = option(16, "LoRA rank.", stage="train", range="[1,)")
+    lora_alpha: int = option(32, "LoRA alpha.", stage="train")
+    lora_dropout: float = option(0.0, "LoRA dropout.", stage="train", range="[0,1)")
+    lora_target: str = option(
+        "all-linear", "LoRA target modules ('all-linear' or comma-separated names).", stage="train"
     )
-    freeze_last_n_layers: int = _f(
-        0, "With --mode freeze: number of last decoder layers to train (paper, QwQ: 48).", "model", "train"
+    freeze_last_n_layers: int = option(
+        0,
+        "With --mode freeze: number of last decoder layers to train (paper, QwQ: 48).",
+        stage="train",
+        range="[0,)",
     )
-    attn_implementation: str | None = _f(
-        None, "Attention implementation (sdpa, flash_attention_2, eager); default: auto.", "model", "sample"
+    attn_implementation: str | None = option(
+        None, "Attention implementation (sdpa, flash_attention_2, eager); default: auto.", stage="sample"
     )
-    torch_dtype: str | None = _f(
-        None, "Weights dtype (bfloat16, float16, float32); default: auto.", "model", "sample"
+    torch_dtype: str | None = option(
+        None, "Weights dtype (bfloat16, float16, float32); default: auto.", stage="sample"
     )
-    gradient_checkpointing: bool = _f(True, "Gradient checkpointing during training.", "model", None)
-    merge: bool = _f(
-        False, "Save the tuned model with the LoRA adapter merged into full weights.", "model", "train"
+    gradient_checkpointing: bool = option(True, "Gradient checkpointing during training.", stage=None)
+    merge: bool = option(
+        False, "Save the tuned model with the LoRA adapter merged into full weights.", stage="train"
     )
-    # data
-    dataset: str | None = _f(
-        None,
-        "Training problems: a short name (gsm8k, math, math500, aime24, gaokao) or a local "
-        ".jsonl/.json/.parquet/.csv file.",
-        "data",
-        "sample",
-    )
-    dataset_split: str | None = _f("train", "Split of --dataset (named datasets only).", "data", "sample")
-    question_field: str | None = _f(None, "Question field name (default: auto-detected).", "data", "sample")
-    answer_field: str | None = _f(None, "Gold answer field name (default: auto-detected).", "data", "sample")
-    max_train_problems: int | None = _f(
-        5000, "Use at most this many training problems (paper: 5000).", "data", "sample"
-    )
-    shuffle: bool = _f(
-        True,
-        "Shuffle the training problems (with --seed) before taking --max-train-problems.",
-        "data",
-        "sample",
-    )
-    eval_dataset: str | None = _f(
-        None,
-        "Held-out evaluation problems: a short name or a local file (required for evaluation).",
-        "data",
-        "eval",
-    )
-    eval_split: str | None = _f(None, "Split of --eval-dataset (default: its test split).", "data", "eval")
-    max_eval_problems: int | None = _f(
-        None, "Evaluate on at most this many problems (default: all).", "data", "eval"
-    )
-    system_prompt: str | None = _f(
-        "You are a helpful assistant. You should think step-by-step and put your final answer within \\boxed{}.",
-        "System prompt used for sampling, training and evaluation ('none' for no system message).",
-        "data",
-        "sample",
-    )
-    # sample
-    k: int = _f(
-        16, "Solutions sampled per training problem (paper: 16 Marco-o1, 12 QwQ).", "sample", "sample"
-    )
-    temperature: float = _f(0.5, "Sampling temperature of the pre-sampling.", "sample", "sample")
-    top_p: float = _f(0.8, "Top-p of the pre-sampling.", "sample", "sample")
-    max_new_tokens: int = _f(8192, "Maximum new tokens per pre-sample.", "sample", "sample")
-    sampling_backend: str = _f(
-        "hf", "Generation backend for pre-sampling: hf or vllm.", "sample", "sample", choices=BACKENDS
-    )
-    sampling_batch_size: int = _f(
-        64, "Sequences per generate call (hf) / prompts per call (vllm).", "sample", "sample"
-    )
-    gpu_memory_utilization: float = _f(0.85, "vLLM: fraction of GPU memory to use.", "sample", None)
-    quantization: str | None = _f(
-        None, "vLLM: weight quantization (e.g. bitsandbytes, fp8).", "sample", "sample"
-    )
-    # score
-    lam: float = _f(
-        2.0, "lambda, the accuracy weight of the reward (paper: 2 Marco-o1, 5 QwQ).", "score", "score"
-    )
-    samples_per_problem: int = _f(
-        2, "Samples kept per problem for training (released code: 2; 0 keeps all K).", "score", "score"
-    )
-    reward_clip_low: float | None = _f(
-        -2.0, "Lower clip of the raw reward ('none': no clipping).", "score", "score"
-    )
-    reward_clip_high: float | None = _f(
-        4.0, "Upper clip of the raw reward ('none': no clipping).", "score", "score"
-    )
-    zscore: bool = _f(True, "z-score the (clipped) rewards over the whole training set.", "score", "score")
-    cutoff: int | None = _f(
-        4096,
-        "Prompt + response cutoff in tokens for training (paper: 3072 Marco-o1, 4096 QwQ).",
-        "score",
-        "score",
-    )
-    score_batch_tokens: int = _f(
-        16384, "Token budget per reference forward pass while scoring.", "score", None
-    )
-    # train
-    learning_rate: float = _f(
-        2e-6, "Peak learning rate (paper: 2e-7 full Marco-o1, 2e-6 QwQ).", "train", "train"
-    )
-    num_epochs: int = _f(1, "Training epochs.", "train", "train")
-    max_steps: int | None = _f(
-        None,
-        "Stop after this many optimizer steps (the schedule still spans the full run); for smoke tests.",
-        "train",
-        "train",
-    )
-    warmup_ratio: float = _f(0.1, "Warmup fraction of the optimizer steps.", "train", "train")
-    lr_scheduler: str = _f("cosine", "Learning-rate schedule (cosine, linear, constant).", "train", "train")
-    weight_decay: float = _f(0.0, "AdamW weight decay.", "train", "train")
-    effective_batch_size: int = _f(
-        32, "Sequences per optimizer step (gradient accumulation fills it).", "train", "train"
-    )
-    micro_batch_tokens: int = _f(8192, "Packed tokens per micro-batch (memory knob).", "train", "train")
-    importance_level: str = _f(
-        "sequence_geomean",
-        "Importance ratio: token, sequence (the paper's formula) or sequence_geomean (released code).",
-        "train",
-        "train",
-        choices=IMPORTANCE_LEVELS,
-    )
-    clip_low: float = _f(0.2, "PPO clip epsilon below 1.", "train", "train")
-    clip_high: float = _f(0.2, "PPO clip epsilon above 1.", "train", "train")
-    reduction: str = _f(
-        "sequence_mean", "Loss reduction for --importance-level token.", "train", "train", choices=REDUCTIONS
-    )
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", "train", "train")
-    optimizer: str = _f(
-        "adamw", "Optimizer: adamw or paged_adamw_8bit.", "train", "train", choices=OPTIMIZERS
-    )
-    bf16: bool = _f(True, "bf16 autocast/weights where the hardware supports it.", "train", "train")
-    save_every: int = _f(
-        0, "Save a resumable checkpoint every N optimizer steps (0: only at the end).", "train", None
-    )
-    logging_every: int = _f(1, "Log training metrics every N optimizer steps.", "train", None)
-    report_to: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Experiment trackers (e.g. wandb, tensorboard); default none.",
-            "group": "train",
-            "stage": None,
-            "choices": None,
-        },
-    )
-    kernel_backend: str = _f(
-        "auto",
-        "Loss kernel: auto (Triton on CUDA), triton or torch.",
-        "train",
-        "train",
-        choices=KERNEL_BACKENDS,
-    )
-    # eval
-    eval_max_new_tokens: int = _f(
-        8192, "Maximum new tokens per evaluation response (paper: 8192).", "eval", "eval"
-    )
-    eval_greedy: bool = _f(
-        True, "Greedy decoding for evaluation (paper); --no-eval-greedy samples.", "eval", "eval"
-    )
-    eval_temperature: float = _f(0.5, "Evaluation temperature with --no-eval-greedy.", "eval", "eval")
-    eval_top_p: float = _f(0.8, "Evaluation top-p with --no-eval-greedy.", "eval", "eval")
-    eval_num_samples: int = _f(1, "Responses per evaluation problem (accuracy is averaged).", "eval", "eval")
-    eval_backend: str = _f(
-        "hf", "Generation backend for evaluation: hf or vllm.", "eval", "eval", choices=BACKENDS
-    )
-    eval_batch_size: int = _f(64, "Prompts per evaluation generate call.", "eval", None)
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> PipelineConfig:
-        """Build from raw (YAML or CLI) values; ``source`` names the file in error messages."""
-        checked = {
-            key: coerce_value(key, value, source) for key, value in _normalise_keys(values, source).items()
-        }
-        cfg = cls(**checked)
-        cfg.validate()
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-
-    def validate(self) -> None:
-        """Range and consistency checks; raises ConfigError naming the key and value."""
-
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"{key} = {getattr(self, key)!r}: {why}")
-
-        if self.k < 1:
-            raise bad("k", "must be >= 1 (solutions sampled per problem)")
-        if self.lam < 0:
-            raise bad("lam", "must be >= 0 (the accuracy weight of the reward)")
-        for key in (
-            "max_new_tokens",
-            "eval_max_new_tokens",
-            "sampling_batch_size",
-            "eval_batch_size",
-            "effective_batch_size",
-            "micro_batch_tokens",
-            "score_batch_tokens",
-            "num_epochs",
-            "eval_num_samples",
-            "lora_r",
-            "logging_every",
-        ):
-            if getattr(self, key) < 1:
-                raise bad(key, "must be >= 1")
-        for key in ("samples_per_problem", "freeze_last_n_layers", "save_every"):
-            if getattr(self, key) < 0:
-                raise bad(key, "must be >= 0")
-        for key in ("max_train_problems", "max_eval_problems", "cutoff", "max_steps"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise bad(key, "must be >= 1 (or none)")
-        if self.temperature <= 0:
-            raise bad("temperature", "must be > 0 for pre-sampling")
-        for key in ("top_p", "eval_top_p"):
-            if not 0 < getattr(self, key) <= 1:
-                raise bad(key, "must be in (0, 1]")
-        if self.learning_rate <= 0:
-            raise bad("learning_rate", "must be > 0")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise bad("warmup_ratio", "must be in [0, 1]")
-        for key in ("clip_low", "clip_high", "lora_dropout", "weight_decay", "eval_temperature"):
-            if getattr(self, key) < 0:
-                raise bad(key, "must be >= 0")
-        if (
-            self.reward_clip_low is not None
-            and self.reward_clip_high is not None
-            and self.reward_clip_low >= self.reward_clip_high
-        ):
-            raise ConfigError(
-                f"reward_clip_low = {self.reward_clip_low} must be below reward_clip_high = {self.reward_clip_high}"
-            )
+    def __post_init__(self) -> None:
+        check_options(self)
         if self.mode == "freeze" and self.freeze_last_n_layers < 1:
-            raise bad("freeze_last_n_layers", "--mode freeze needs --freeze-last-n-layers >= 1")
-        if self.eval_backend == "vllm" and self.mode in ("qlora", "lora") and not self.merge:
-            raise bad("eval_backend", "vllm evaluation of a LoRA adapter needs --merge")
-        for key in ("model", "dataset", "eval_dataset"):
-            check_local_path(key, getattr(self, key))
+            raise bad_value("freeze_last_n_layers", ">= 1 with --mode freeze", self.freeze_last_n_layers)
+        self.model = local_path("model", self.model)
 
-    # ------------------------------------------------------------------ stage configs
-    def sampling_config(self):
-        from o1pruner.sampling import SamplingConfig
-
-        return _build(
-            SamplingConfig,
-            {
-                "k": self.k,
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens,
-                "seed": self.seed,
-                "backend": self.sampling_backend,
-                "batch_size": self.sampling_batch_size,
-                "system_prompt": self.system_prompt,
-                "gpu_memory_utilization": self.gpu_memory_utilization,
-                "quantization": self.quantization,
-            },
-        )
-
-    def scoring_config(self):
-        from o1pruner.scoring import ScoringConfig
-
-        clip = None
-        if self.reward_clip_low is not None and self.reward_clip_high is not None:
-            clip = (float(self.reward_clip_low), float(self.reward_clip_high))
-        return _build(
-            ScoringConfig,
-            {
-                "lam": self.lam,
-                "samples_per_problem": self.samples_per_problem,
-                "clip": clip,
-                "zscore": self.zscore,
-                "seed": self.seed,
-                "max_length": self.cutoff,
-                "batch_tokens": self.score_batch_tokens,
-                "system_prompt": self.system_prompt,
-            },
-        )
-
-    def train_config(self):
-        from o1pruner.train import TrainConfig
-
-        return _build(
-            TrainConfig,
-            {
-                "learning_rate": self.learning_rate,
-                "num_epochs": self.num_epochs,
-                "warmup_ratio": self.warmup_ratio,
-                "lr_scheduler": self.lr_scheduler,
-                "weight_decay": self.weight_decay,
-                "effective_batch_size": self.effective_batch_size,
-                "micro_batch_tokens": self.micro_batch_tokens,
-                "importance_level": self.importance_level,
-                "clip_low": self.clip_low,
-                "clip_high": self.clip_high,
-                "reduction": self.reduction,
-                "max_grad_norm": self.max_grad_norm,
-                "optimizer": self.optimizer,
-                "bf16": self.bf16,
-                "seed": self.seed,
-                "save_every": self.save_every,
-                "logging_every": self.logging_every,
-                "report_to": list(self.report_to),
-                "backend": self.kernel_backend,
-            },
-        )
-
-    def eval_config(self):
-        from o1pruner.evaluate import EvalConfig
-
-        return _build(
-            EvalConfig,
-            {
-                "max_new_tokens": self.eval_max_new_tokens,
-                "greedy": self.eval_greedy,
-                "temperature": self.eval_temperature,
-                "top_p": self.eval_top_p,
-                "backend": self.eval_backend,
-                "batch_size": self.eval_batch_size,
-                "num_samples": self.eval_num_samples,
-                "system_prompt": self.system_prompt,
-                "seed": self.seed,
-                "gpu_memory_utilization": self.gpu_memory_utilization,
-                "quantization": self.quantization,
-            },
-        )
-
-    def model_kwargs(self, mode: str | None = None) -> dict[str, Any]:
+    def load_kwargs(self, mode: str | None = None) -> dict[str, Any]:
         """Keyword arguments of ``o1pruner.modeling.load_model`` (``mode`` overrides ``self.mode``)."""
         return {
             "mode": mode or self.mode,
@@ -417,38 +157,223 @@ class PipelineConfig:
         }
 
 
-def _build(cls, kwargs: dict[str, Any]):
-    """Instantiate a stage config with the keys it declares (another module's dataclass may lag ours)."""
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in kwargs.items() if k in known})
+@dataclass
+class DataConfig:
+    """The training and evaluation problems (``data.load_problems``) and the system prompt of every stage."""
+
+    dataset: str | None = option(
+        None,
+        "Training problems: a short name (gsm8k, math, math500, aime24, gaokao) or a local "
+        ".jsonl/.json/.parquet/.csv file.",
+        stage="sample",
+    )
+    dataset_split: str | None = option("train", "Split of --dataset (named datasets only).", stage="sample")
+    question_field: str | None = option(None, "Question field name (default: auto-detected).", stage="sample")
+    answer_field: str | None = option(
+        None, "Gold answer field name (default: auto-detected).", stage="sample"
+    )
+    max_train_problems: int | None = option(
+        5000, "Use at most this many training problems (paper: 5000).", stage="sample", range="[1,)"
+    )
+    shuffle: bool = option(
+        True,
+        "Shuffle the training problems (with --seed) before taking --max-train-problems.",
+        stage="sample",
+    )
+    eval_dataset: str | None = option(
+        None,
+        "Held-out evaluation problems: a short name or a local file (optional: without it the run trains "
+        "and saves the tuned model, and evaluates nothing).",
+        stage="eval",
+    )
+    eval_split: str | None = option(None, "Split of --eval-dataset (default: its test split).", stage="eval")
+    max_eval_problems: int | None = option(
+        None, "Evaluate on at most this many problems (default: all).", stage="eval", range="[1,)"
+    )
+    system_prompt: str | None = option(
+        DEFAULT_SYSTEM_PROMPT,
+        "System prompt used for sampling, training and evaluation ('none' for no system message).",
+        stage="sample",
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        self.dataset = local_path("dataset", self.dataset)
+        self.eval_dataset = local_path("eval_dataset", self.eval_dataset)
+
+
+# Section attribute of PipelineConfig -> (its config class, its --help group).
+SECTIONS: dict[str, tuple[type, str]] = {
+    "run": (RunConfig, "run"),
+    "model_config": (ModelConfig, "model"),
+    "data": (DataConfig, "data"),
+    "sampling": (SamplingConfig, "sample"),
+    "scoring": (ScoringConfig, "score"),
+    "training": (TrainConfig, "train"),
+    "evaluation": (EvalConfig, "eval"),
+}
+
+
+class Option(NamedTuple):
+    """One flat option: its key, the section and field that declare it, its help group and type hint."""
+
+    key: str
+    section: str
+    field: dataclasses.Field
+    group: str
+    type: Any
+
+
+@cache
+def options() -> dict[str, Option]:
+    """Every option by flat key, in --help order (the field that declares it, not the shared copies)."""
+    out: dict[str, Option] = {}
+    for section, (cls, group) in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in option_fields(cls):
+            if f.metadata.get("shared"):
+                continue
+            key = flat_key(f)
+            if key in out:
+                raise TypeError(f"option {key!r} declared twice ({out[key].section} and {section})")
+            out[key] = Option(key, section, f, group, hints[f.name])
+    return out
+
+
+@cache
+def holders(key: str) -> tuple[tuple[str, str], ...]:
+    """``(section, field name)`` of every field filled from option ``key`` (declared and shared)."""
+    return tuple(
+        (section, f.name)
+        for section, (cls, _) in SECTIONS.items()
+        for f in option_fields(cls)
+        if flat_key(f) == key
+    )
+
+
+@dataclass
+class PipelineConfig:
+    """Every setting of ``o1pruner run``, as one config per stage; defaults follow the paper on one GPU.
+
+    Options read and write by flat key (``cfg.lam`` is ``cfg.scoring.lam``; setting ``cfg.seed`` sets the
+    seed of every stage). Build it with :func:`resolve_config` (layers, with sources in errors) or
+    :meth:`from_dict`.
+    """
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only when normal lookup fails: flat option keys resolve to the declaring section.
+        opts = options()
+        if name in opts and "evaluation" in self.__dict__:
+            return getattr(self.__dict__[opts[name].section], opts[name].field.name)
+        raise AttributeError(f"{type(self).__name__} has no attribute or option {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in SECTIONS or name not in options():
+            object.__setattr__(self, name, value)
+            return
+        for section, field_name in holders(name):
+            setattr(getattr(self, section), field_name, value)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Every flat option key, in --help order."""
+        return list(options())
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> PipelineConfig:
+        """Build from checked, typed values by flat key (each shared key fills every holder)."""
+        kwargs: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+        for key, value in values.items():
+            for section, field_name in holders(key):
+                kwargs[section][field_name] = list(value) if isinstance(value, list) else value
+        sections = {section: SECTIONS[section][0](**kw) for section, kw in kwargs.items()}
+        return cls(**sections)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> PipelineConfig:
+        """Build from raw (YAML or CLI) values; ``source`` names the file in error messages."""
+        return resolve_layers([(values, source)])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat key -> value, in --help order (what config.yaml holds)."""
+        return {key: _plain(getattr(self, key)) for key in options()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def validate(self) -> None:
+        """Checks across sections (each section checks its own options when built)."""
+        if self.sampling.temperature <= 0:
+            raise bad_value("temperature", "> 0 for pre-sampling", self.sampling.temperature)
+        if (
+            self.evaluation.backend == "vllm"
+            and self.model_config.mode in ("qlora", "lora")
+            and not self.merge
+        ):
+            raise ConfigError(
+                "eval_backend = 'vllm': vllm evaluation of a LoRA adapter needs --merge", key="eval_backend"
+            )
+
+    # ------------------------------------------------------------------ stage configs
+    def sampling_config(self) -> SamplingConfig:
+        return self.sampling
+
+    def scoring_config(self) -> ScoringConfig:
+        return self.scoring
+
+    def train_config(self) -> TrainConfig:
+        return self.training
+
+    def eval_config(self) -> EvalConfig:
+        return self.evaluation
+
+    def model_kwargs(self, mode: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of ``o1pruner.modeling.load_model`` (``mode`` overrides ``self.mode``)."""
+        return self.model_config.load_kwargs(mode)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 # ---------------------------------------------------------------------- values
 _NONE_STRINGS = {"none", "null", "~", ""}
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+# String options whose YAML value may read as a number (a split named 2024).
+_NUMERIC_STRINGS = ("dataset_split", "eval_split")
 
 
 def field_types() -> dict[str, Any]:
-    return typing.get_type_hints(PipelineConfig)
+    """Flat key -> type hint of every option."""
+    return {key: opt.type for key, opt in options().items()}
 
 
-def _is_optional(tp: Any) -> tuple[bool, Any]:
-    args = typing.get_args(tp)
-    if args and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return True, rest[0]
-    return False, tp
+def option_name(key: str, source: str) -> str:
+    """How an error names option ``key`` coming from ``source``: its flag or its YAML key."""
+    return f"--{key.replace('_', '-')}" if source == "command line" else f"key '{key}'"
 
 
 def coerce_value(key: str, value: Any, source: str = "config") -> Any:
-    """Check/convert one raw value to the field's type; ConfigError names key, value and source."""
-    tp = field_types()[key]
-    optional, base = _is_optional(tp)
-    meta = PipelineConfig.__dataclass_fields__[key].metadata
-
-    name = f"--{key.replace('_', '-')}" if source == "command line" else f"key '{key}'"
+    """Check/convert one raw value to the option's type; ConfigError names key, value and source."""
+    opt = options()[key]
+    optional, base = strip_optional(opt.type)
 
     def err(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: {name}: expected {expected}, got {value!r}")
+        return ConfigError(
+            f"{source}: {option_name(key, source)}: expected {expected}, got {value!r}", key=key
+        )
 
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_STRINGS):
         if optional:
@@ -460,97 +385,61 @@ def coerce_value(key: str, value: Any, source: str = "config") -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise err("a list of strings")
         return list(value)
+    if isinstance(value, bool) and base in (int, float):
+        raise err(_type_name(base))
     if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in (
-            "true",
-            "yes",
-            "1",
-            "on",
-            "false",
-            "no",
-            "0",
-            "off",
-        ):
-            return value.strip().lower() in ("true", "yes", "1", "on")
+        word = value.strip().lower() if isinstance(value, str) else None
+        if isinstance(value, bool) or word in _TRUE + _FALSE:
+            return value if isinstance(value, bool) else word in _TRUE
         raise err("true or false")
     if base is int:
-        if isinstance(value, bool):
-            raise err("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise err("an integer")
-    if base is float:
-        if isinstance(value, bool):
-            raise err("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 2e-7 (no dot) as a string
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise err("a number")
+        return _to_number(value, int, err)
+    if base is float:  # YAML 1.1 reads 2e-7 (no dot) as a string
+        return _to_number(value, float, err)
     if base is str:
-        if (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and key in ("dataset_split", "eval_split")
-        ):
+        if isinstance(value, (int, float)) and key in _NUMERIC_STRINGS:
             return str(value)
         if not isinstance(value, str):
             raise err("a string")
-        choices = meta.get("choices")
+        choices = opt.field.metadata.get("choices")
         if choices and value not in choices:
-            hint = _suggest(value, choices)
-            raise ConfigError(f"{source}: {name}: {value!r} is not one of {', '.join(choices)}{hint}")
+            raise ConfigError(
+                f"{source}: {option_name(key, source)}: {value!r} is not one of {', '.join(choices)}"
+                f"{suggest(value, choices)}",
+                key=key,
+            )
         return value
-    raise err(_type_name(base))  # pragma: no cover - every field type is handled above
+    raise err(_type_name(base))  # pragma: no cover - every option type is handled above
+
+
+def _to_number(value: Any, kind: type, err) -> Any:
+    if isinstance(value, float) and kind is int:
+        if value.is_integer():
+            return int(value)
+        raise err(_type_name(kind))
+    if isinstance(value, (int, float)):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            pass
+    raise err(_type_name(kind))
 
 
 def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
-def _suggest(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
 def _normalise_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
-    known = set(PipelineConfig.field_names())
+    known = options()
     out = {}
     for raw_key, value in values.items():
         key = str(raw_key).strip().replace("-", "_")
         if key not in known:
-            raise ConfigError(f"{source}: unknown key '{raw_key}'{_suggest(key, known)}")
+            raise ConfigError(f"{source}: unknown key '{raw_key}'{suggest(key, known)}", key=key)
         out[key] = value
     return out
-
-
-def looks_local(path: str) -> bool:
-    """True for strings that can only mean a local path (not a Hub id like ``org/name``)."""
-    return (
-        path.startswith(("/", "./", "../", "~", "."))
-        or path.count("/") > 1
-        or "\\" in path
-        or Path(path).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv")
-    )
-
-
-def check_local_path(key: str, value: str | None) -> None:
-    if value is None or not looks_local(value):
-        return
-    if not Path(os.path.expanduser(value)).exists():
-        raise ConfigError(f"{key} = {value!r}: no such file or directory")
 
 
 # ---------------------------------------------------------------------- files
@@ -564,7 +453,7 @@ def load_recipe(name: str) -> dict[str, Any]:
     resource = resources.files("o1pruner") / "recipes" / f"{name}.yaml"
     if not resource.is_file():
         names = recipe_names()
-        raise ConfigError(f"unknown recipe '{name}'{_suggest(name, names)}; available: {', '.join(names)}")
+        raise ConfigError(f"unknown recipe '{name}'{suggest(name, names)}; available: {', '.join(names)}")
     return _parse_yaml(resource.read_text(encoding="utf-8"), f"recipe '{name}'")
 
 
@@ -599,35 +488,45 @@ def resolve_config(
 ) -> PipelineConfig:
     """Defaults < base (e.g. the toy demo's settings) < recipe < config file < overrides (flags).
 
-    Every layer is checked with its source name (the file, the recipe, "command line").
+    Every error names the layer its value came from (the file, the recipe, "command line").
     """
-    values: dict[str, Any] = {}
+    layers: list[tuple[dict[str, Any], str]] = []
     if base:
-        values.update(_check_layer(base, base_source))
+        layers.append((base, base_source))
     if recipe:
-        values.update(_check_layer(load_recipe(recipe), f"recipe '{recipe}'"))
+        layers.append((load_recipe(recipe), f"recipe '{recipe}'"))
     if config_file:
-        values.update(_check_layer(load_yaml_file(config_file), str(config_file)))
+        layers.append((load_yaml_file(config_file), str(config_file)))
     if overrides:
-        values.update(_check_layer(overrides, "command line"))
-    cfg = PipelineConfig(**values)
-    cfg.validate()
-    # Local paths are stored absolute: config.yaml (and a saved adapter's base path) stay valid from any
-    # working directory, and "./m" vs "m" is not taken for a different model by the run-dir check.
-    for key in ("model", "dataset", "eval_dataset"):
-        value = getattr(cfg, key)
-        if value and (looks_local(value) or os.path.exists(value)):
-            setattr(cfg, key, os.path.abspath(os.path.expanduser(value)))
-    return cfg
+        layers.append((overrides, "command line"))
+    return resolve_layers(layers)
 
 
-def _check_layer(values: dict[str, Any], source: str) -> dict[str, Any]:
-    return {key: coerce_value(key, value, source) for key, value in _normalise_keys(values, source).items()}
+def resolve_layers(layers: list[tuple[dict[str, Any], str]]) -> PipelineConfig:
+    """Merge raw layers (later wins) into a checked PipelineConfig; errors name the value's layer."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for raw, source in layers:
+        for key, value in _normalise_keys(raw, source).items():
+            values[key] = coerce_value(key, value, source)
+            sources[key] = source
+    try:
+        return PipelineConfig.from_values(values)
+    except ConfigError as e:
+        if e.key is None:
+            raise
+        msg = str(e)
+        msg = msg[len(e.key) :] if msg.startswith(e.key) else f": {msg}"
+        if e.key not in sources:  # a default that another layer's value makes invalid
+            raise ConfigError(f"{option_name(e.key, 'command line')} (default){msg}", key=e.key) from None
+        source = sources[e.key]
+        raise ConfigError(f"{source}: {option_name(e.key, source)}{msg}", key=e.key) from None
 
 
 # ---------------------------------------------------------------------- run-dir compatibility
 def first_stage(key: str) -> str | None:
-    return PipelineConfig.__dataclass_fields__[key].metadata.get("stage")
+    """The first stage whose result option ``key`` changes (None: it changes no result)."""
+    return options()[key].field.metadata.get("stage")
 
 
 def diff_configs(old: dict[str, Any], new: PipelineConfig) -> list[str]:

@@ -86,9 +86,9 @@ def problem_id(question: str) -> str:
 
 def last_boxed(text: str) -> str | None:
     """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, or None."""
-    from o1pruner.grading import _last_box  # the same linear-time parser as the grader
+    from o1pruner.grading import last_box  # the same linear-time parser as the grader
 
-    found, content = _last_box(text)
+    found, content = last_box(text)
     return content if found else None
 
 

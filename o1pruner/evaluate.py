@@ -18,27 +18,63 @@ from typing import Any
 import numpy as np
 
 from o1pruner.io import append_jsonl, read_jsonl
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant. You should think step-by-step and put your final answer within \\boxed{}."
-)
+from o1pruner.options import check_options, option, shared
+from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT
+from o1pruner.records import eval_record
+from o1pruner.sampling import BACKENDS
 
 
 @dataclass
 class EvalConfig:
     """Decoding settings of an evaluation (paper: greedy, up to 8192 new tokens)."""
 
-    max_new_tokens: int = 8192
-    greedy: bool = True
-    temperature: float = 0.5  # used only when greedy is False
-    top_p: float = 0.8
-    backend: str = "hf"  # "hf" | "vllm"
-    batch_size: int = 64  # prompts per generate call (and per appended batch of records)
-    num_samples: int = 1  # responses per problem when sampling; greedy always uses 1
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    seed: int = 0
-    gpu_memory_utilization: float = 0.85  # vllm only
-    quantization: str | None = None  # vllm only
+    max_new_tokens: int = option(
+        8192,
+        "Maximum new tokens per evaluation response (paper: 8192).",
+        stage="eval",
+        key="eval_max_new_tokens",
+        range="[1,)",
+    )
+    greedy: bool = option(
+        True,
+        "Greedy decoding for evaluation (paper); --no-eval-greedy samples.",
+        stage="eval",
+        key="eval_greedy",
+    )
+    temperature: float = option(
+        0.5,
+        "Evaluation temperature with --no-eval-greedy.",
+        stage="eval",
+        key="eval_temperature",
+        range="[0,)",
+    )
+    top_p: float = option(
+        0.8, "Evaluation top-p with --no-eval-greedy.", stage="eval", key="eval_top_p", range="(0,1]"
+    )
+    num_samples: int = option(
+        1,
+        "Responses per evaluation problem (accuracy is averaged).",
+        stage="eval",
+        key="eval_num_samples",
+        range="[1,)",
+    )
+    backend: str = option(
+        "hf",
+        "Generation backend for evaluation: hf or vllm.",
+        stage="eval",
+        key="eval_backend",
+        choices=BACKENDS,
+    )
+    batch_size: int = option(
+        64, "Prompts per evaluation generate call.", stage=None, key="eval_batch_size", range="[1,)"
+    )
+    system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
+    seed: int = shared("seed", 0)
+    gpu_memory_utilization: float = shared("gpu_memory_utilization", 0.85)
+    quantization: str | None = shared("quantization", None)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def sampling_config(self):
         """The :class:`o1pruner.sampling.SamplingConfig` that ``generate`` receives."""
@@ -175,7 +211,6 @@ def _generate_missing(
     """Generate and grade the missing responses of ``todo``, adding them to ``done`` (and ``out_path``)."""
     from tqdm.auto import tqdm
 
-    from o1pruner.grading import extract_answer, is_correct
     from o1pruner.prompts import encode_prompt
     from o1pruner.sampling import generate
 
@@ -196,17 +231,7 @@ def _generate_missing(
                 for j, gen in enumerate(gens[:n]):
                     if (pid, j) in done:
                         continue
-                    rec = {
-                        "problem_id": pid,
-                        "sample_index": j,
-                        "level": _attr(problem, "level"),
-                        "gold": gold,
-                        "extracted": extract_answer(gen.text),
-                        "correct": bool(is_correct(gen.text, gold)),
-                        "num_tokens": len(gen.token_ids),
-                        "finish_reason": gen.finish_reason,
-                        "text": gen.text,
-                    }
+                    rec = eval_record(pid, j, _attr(problem, "level"), gold, gen)
                     done[(pid, j)] = rec
                     new.append(rec)
             if out_path is not None:

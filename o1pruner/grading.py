@@ -1,11 +1,11 @@
-"""Final-answer extraction and equivalence checking (METHOD.md, "Evaluation").
+"""Final-answer extraction and equivalence checking (docs/method.md, "Evaluation").
 
 The final answer of a response is the content of its last ``\\boxed{...}`` (also ``\\boxed X`` without
 braces and ``\\fbox{...}``), looked for only after the last ``</think>``; without a box, the last explicit
 "the (final) answer is X" statement; otherwise there is none and the response is wrong. Special cases:
 
 * ``</think>`` present: only the text after the last one counts (nothing after it: no answer).
-* no ``</think>``: the whole response counts (METHOD.md: "after any ``</think>``"), also when it opened
+* no ``</think>``: the whole response counts (the rule reads "after any ``</think>``"), also when it opened
   a ``<think>`` block that was never closed.
 * "the answer is X" counts only as the *closing* statement: at most ``MAX_TAIL_CHARS`` characters
   (say "I hope it is correct.") may follow the sentence that states it; reasoning that goes on after it
@@ -89,7 +89,7 @@ def _braced_content(text: str, open_pos: int) -> str | None:
     return None
 
 
-def _last_box(text: str) -> tuple[bool, str | None]:
+def last_box(text: str) -> tuple[bool, str | None]:
     """(a box command was found, its content or None when cut off / empty)."""
     best, cmd = -1, ""
     for c in ("\\boxed", "\\fbox"):
@@ -156,7 +156,7 @@ def extract_answer(response: str) -> str | None:
         text = _after_thinking(text)
         if not text:
             return None
-        found, content = _last_box(text)
+        found, content = last_box(text)
         if found:
             return content
         return _answer_statement(text)
@@ -530,7 +530,7 @@ def answers_match(answer: str, gold: str, *, timeout: float | None = None) -> bo
         if a is None or g is None:
             return False
         if "\\boxed" in g or "\\fbox" in g:
-            found, content = _last_box(g)
+            found, content = last_box(g)
             if found and content is not None:
                 g = content
         if len(a) > MAX_VERIFY_CHARS or len(g) > MAX_VERIFY_CHARS:
@@ -558,7 +558,7 @@ def answers_match(answer: str, gold: str, *, timeout: float | None = None) -> bo
 
 
 def is_correct(response: str, gold: str, *, timeout: float | None = None) -> bool:
-    """A(x, y): whether the final answer of ``response`` is equivalent to ``gold`` (METHOD.md rule).
+    """A(x, y): whether the final answer of ``response`` is equivalent to ``gold`` (the rule in docs/method.md).
 
     Never raises, works from any thread; at most ``timeout`` (default ``DEFAULT_TIMEOUT_S``) seconds
     of math-verify per call once a helper process is running.

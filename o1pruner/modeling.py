@@ -17,11 +17,15 @@ weight. Adapters (``lora``/``qlora``) are float32 as peft creates them.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,6 +65,22 @@ def _resolve_dtype(torch_dtype: str | torch.dtype | None, device: str) -> torch.
     if torch_dtype not in _DTYPES:
         raise ValueError(f"torch_dtype={torch_dtype!r}: expected one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[torch_dtype]
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrap peft model construction: peft reads transformers' deprecated ``is_gradient_checkpointing``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, by the name this transformers version has."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _is_adapter_dir(path: str) -> bool:
@@ -125,7 +145,7 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing and mode != "none":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
 
     if mode in ("lora", "qlora"):
         import peft
@@ -134,7 +154,8 @@ def load_model(
             # Frozen embeddings give checkpointed layers inputs without grad; this keeps the graph alive.
             model.enable_input_require_grads()
         if adapter_path:
-            model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+            with peft_quietly():
+                model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
         else:
             cfg = peft.LoraConfig(
                 r=lora_r,
@@ -144,7 +165,8 @@ def load_model(
                 bias="none",
                 task_type="CAUSAL_LM",
             )
-            model = peft.get_peft_model(model, cfg)
+            with peft_quietly():
+                model = peft.get_peft_model(model, cfg)
     elif mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -162,7 +184,8 @@ def load_model(
         if adapter_path:
             import peft
 
-            model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+            with peft_quietly():
+                model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
         model.eval()
 
     if mode in ("full", "freeze"):
@@ -177,7 +200,7 @@ def load_model(
     return model, tokenizer
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The transformers ``*ForCausalLM`` under any peft wrapper."""
     try:
         from peft import PeftModel
@@ -191,7 +214,7 @@ def _unwrap(model):
 
 def decoder_of(model) -> torch.nn.Module:
     """The decoder body whose ``last_hidden_state`` (after the final norm) feeds the lm_head."""
-    return _unwrap(model).get_decoder()
+    return unwrap_model(model).get_decoder()
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -203,7 +226,7 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
 
 def lm_head_weight(model) -> torch.Tensor:
     """The output projection weight (V, H), through peft wrappers and tied embeddings; never quantised."""
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap_model(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
     w = getattr(head, "weight", None)
@@ -283,7 +306,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False
 
 def _config_dtype(model) -> torch.dtype:
     """The dtype the model was loaded in (``config.dtype``), float32 when unknown."""
-    dtype = getattr(_unwrap(model).config, "dtype", None)
+    dtype = getattr(unwrap_model(model).config, "dtype", None)
     if isinstance(dtype, str):
         dtype = _DTYPES.get(dtype, getattr(torch, dtype, None))
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
@@ -311,3 +334,10 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def free_memory() -> None:
+    """Collect garbage and return cached CUDA memory (after a model or an optimizer is dropped)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

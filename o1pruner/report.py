@@ -1,7 +1,7 @@
 """The run's report: eval.json, metrics.json, summary.md, report.md and PNG plots (all written atomically).
 
 ``base`` and ``tuned`` are the result dicts of :func:`o1pruner.evaluate.evaluate_model`. AES follows
-METHOD.md (alpha=1, beta=3, gamma=5; a fall in accuracy costs ``gamma*|dA|``).
+docs/method.md (alpha=1, beta=3, gamma=5; a fall in accuracy costs ``gamma*|dA|``).
 """
 
 from __future__ import annotations
@@ -325,7 +325,8 @@ def write_report(
     md.append(
         "\nAccuracy is the fraction of responses whose final answer matches the gold answer (math-verify); "
         "length is the number of generated tokens. AES = dL + 3 dA if accuracy did not fall, else "
-        "dL - 5 |dA| (METHOD.md; the paper's Table 2 uses +3|dA| for falls, an inconsistency).\n"
+        "dL - 5 |dA|, with dL and dA the relative changes of length and accuracy (O1-Pruner, arXiv 2501.12570; "
+        "its Table 2 scores falls of accuracy as +3|dA|, which contradicts its own definition).\n"
     )
     level_rows = per_level_rows(base, tuned)
     if level_rows:

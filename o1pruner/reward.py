@@ -120,7 +120,7 @@ def aes(
     beta: float = 3.0,
     gamma: float = 5.0,
 ) -> float:
-    """Accuracy-Efficiency Score against a baseline (METHOD.md definition).
+    """Accuracy-Efficiency Score against a baseline (definition in docs/method.md).
 
     dL = (base_length - length) / base_length, dA = (accuracy - base_accuracy) / base_accuracy;
     AES = alpha*dL + beta*dA when dA >= 0, else alpha*dL - gamma*|dA|. Accuracies in any one unit

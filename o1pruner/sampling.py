@@ -28,15 +28,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from o1pruner.grading import is_correct
-from o1pruner.io import DataError, append_jsonl, read_jsonl
+from o1pruner.io import DataError, append_jsonl
+from o1pruner.options import check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT, encode_prompt
+from o1pruner.records import SAMPLE_KEYS, read_samples, sample_record
+
+__all__ = ["SAMPLE_KEYS", "SamplingConfig", "generate", "read_samples", "sample_problems"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("hf", "vllm")
-FINISH_REASONS = ("stop", "length")
-SAMPLE_KEYS = ("problem_id", "sample_index", "text", "token_ids", "num_tokens", "finish_reason", "correct")
 
 
 @dataclass
@@ -49,42 +50,43 @@ class SamplingConfig:
     redraws the lost batch exactly (up to kernel nondeterminism on a GPU).
     """
 
-    k: int = 16
-    temperature: float = 0.5
-    top_p: float = 0.8
-    max_new_tokens: int = 8192
-    seed: int = 0
-    backend: str = "hf"
-    batch_size: int = 64
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    gpu_memory_utilization: float = 0.85
-    quantization: str | None = None
+    k: int = option(
+        16, "Solutions per training problem (paper: 16 Marco-o1, 12 QwQ).", stage="sample", range="[1,)"
+    )
+    temperature: float = option(
+        0.5, "Sampling temperature of the pre-sampling.", stage="sample", range="[0,)"
+    )
+    top_p: float = option(0.8, "Top-p of the pre-sampling.", stage="sample", range="(0,1]")
+    max_new_tokens: int = option(8192, "Maximum new tokens per pre-sample.", stage="sample", range="[1,)")
+    backend: str = option(
+        "hf",
+        "Generation backend for pre-sampling: hf or vllm.",
+        stage="sample",
+        key="sampling_backend",
+        choices=BACKENDS,
+    )
+    batch_size: int = option(
+        64,
+        "Sequences per generate call (hf) / prompts per call (vllm).",
+        stage="sample",
+        key="sampling_batch_size",
+        range="[1,)",
+    )
+    gpu_memory_utilization: float = option(
+        0.85, "vLLM: fraction of GPU memory to use.", stage=None, range="(0,1]"
+    )
+    quantization: str | None = option(
+        None, "vLLM: weight quantization (e.g. bitsandbytes, fp8).", stage="sample"
+    )
+    seed: int = shared("seed", 0)
+    system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field with a bad value."""
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(
-                f"SamplingConfig.k must be an integer >= 1 (samples per problem), got {self.k!r}"
-            )
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(
-                f"SamplingConfig.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
-            )
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"SamplingConfig.batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"SamplingConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"SamplingConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
-            )
+        """Raise ConfigError (a ValueError) naming the first option with a bad value."""
+        check_options(self)
 
 
 @dataclass
@@ -438,58 +440,6 @@ def generate(
     return _hf_generate(model, tokenizer, prompts_ids, n, config, seed_offset)
 
 
-def read_samples(path: str | os.PathLike) -> list[dict]:
-    """Read ``samples.jsonl``: a partial last line (killed writer) is skipped, duplicates of a
-    (problem_id, sample_index) pair are dropped (first wins), and every record is checked (DataError naming
-    the line and key)."""
-    path = Path(path)
-    records = read_jsonl(path, tolerate_partial_tail=True)
-    seen: set[tuple[str, int]] = set()
-    out = []
-    for lineno, rec in enumerate(records, start=1):
-        _validate_record(rec, f"{path}, record {lineno}")
-        key = (rec["problem_id"], rec["sample_index"])
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(rec)
-    return out
-
-
-def _validate_record(rec: dict, where: str) -> None:
-    missing = [k for k in SAMPLE_KEYS if k not in rec]
-    if missing:
-        raise DataError(f"{where}: missing key(s) {missing}")
-    checks = (
-        ("problem_id", isinstance(rec["problem_id"], str)),
-        ("sample_index", isinstance(rec["sample_index"], int) and rec["sample_index"] >= 0),
-        ("text", isinstance(rec["text"], str)),
-        (
-            "token_ids",
-            isinstance(rec["token_ids"], list) and all(isinstance(t, int) for t in rec["token_ids"]),
-        ),
-        ("num_tokens", isinstance(rec["num_tokens"], int) and rec["num_tokens"] == len(rec["token_ids"])),
-        ("finish_reason", rec["finish_reason"] in FINISH_REASONS),
-        ("correct", isinstance(rec["correct"], bool)),
-    )
-    for key, ok in checks:
-        if not ok:
-            value = rec[key] if key != "token_ids" else f"list of {len(rec[key])}"
-            raise DataError(f"{where}: bad value for key {key!r}: {value!r}")
-
-
-def _record(problem: Any, index: int, gen: Generation) -> dict:
-    return {
-        "problem_id": problem.id,
-        "sample_index": index,
-        "text": gen.text,
-        "token_ids": gen.token_ids,
-        "num_tokens": len(gen.token_ids),
-        "finish_reason": gen.finish_reason,
-        "correct": bool(is_correct(gen.text, problem.answer)),
-    }
-
-
 def sample_problems(
     problems: Sequence[Any],
     model_or_path: Any,
@@ -537,7 +487,7 @@ def sample_problems(
     bar.set_postfix(problems=f"{sum(r == 0 for r in remaining.values())}/{len(problems)}")
 
     def commit(pairs: list[tuple[Any, int]], gens: list[Generation]) -> None:
-        records = [_record(p, i, g) for (p, i), g in zip(pairs, gens)]
+        records = [sample_record(p, i, g) for (p, i), g in zip(pairs, gens)]
         append_jsonl(out_path, records)
         for rec, (p, _) in zip(records, pairs):
             done[(rec["problem_id"], rec["sample_index"])] = rec

@@ -38,9 +38,10 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from o1pruner.io import DataError, atomic_path
+from o1pruner.options import bad_value, check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT, encode_prompt
+from o1pruner.records import read_samples, validate_sample
 from o1pruner.reward import length_harmonizing_reward, postprocess_rewards
-from o1pruner.sampling import _validate_record, read_samples
 
 logger = logging.getLogger(__name__)
 
@@ -68,44 +69,66 @@ COLUMNS = tuple(SCHEMA.names)
 class ScoringConfig:
     """Scoring knobs; defaults follow the paper and its released code.
 
-    ``samples_per_problem``: m samples kept per problem (0 keeps all). ``clip``: reward clip range or None.
+    ``samples_per_problem``: m samples kept per problem (0 keeps all). ``reward_clip_low`` and
+    ``reward_clip_high``: the reward clip range (``clip``; None when either is None).
     ``max_length``: prompt + response cutoff in tokens (None: no cutoff). ``batch_tokens``: padded tokens
     per reference forward pass. ``system_prompt`` must be the one the samples were drawn with.
     ``append_eos``: end the response ids of EOS-terminated samples with the EOS id (see module doc).
     """
 
-    lam: float = 2.0
-    samples_per_problem: int = 2
-    clip: tuple[float, float] | None = (-2.0, 4.0)
-    zscore: bool = True
-    seed: int = 0
-    max_length: int | None = 4096
-    batch_tokens: int = 16384
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    lam: float = option(
+        2.0,
+        "lambda, the accuracy weight of the reward (paper: 2 Marco-o1, 5 QwQ).",
+        stage="score",
+        range="[0,)",
+    )
+    samples_per_problem: int = option(
+        2,
+        "Samples kept per problem for training (released code: 2; 0 keeps all K).",
+        stage="score",
+        range="[0,)",
+    )
+    reward_clip_low: float | None = option(
+        -2.0, "Lower clip of the raw reward ('none': no clipping).", stage="score"
+    )
+    reward_clip_high: float | None = option(
+        4.0, "Upper clip of the raw reward ('none': no clipping).", stage="score"
+    )
+    zscore: bool = option(True, "z-score the (clipped) rewards over the whole training set.", stage="score")
+    max_length: int | None = option(
+        4096,
+        "Prompt + response cutoff in tokens for training (paper: 3072 Marco-o1, 4096 QwQ).",
+        stage="score",
+        key="cutoff",
+        range="[2,)",
+    )
+    batch_tokens: int = option(
+        16384,
+        "Token budget per reference forward pass while scoring.",
+        stage=None,
+        key="score_batch_tokens",
+        range="[1,)",
+    )
+    seed: int = shared("seed", 0)
+    system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
     append_eos: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field with a bad value."""
-        if not self.lam >= 0:
-            raise ValueError(f"ScoringConfig.lam must be >= 0, got {self.lam!r}")
-        if not isinstance(self.samples_per_problem, int) or self.samples_per_problem < 0:
-            raise ValueError(
-                f"ScoringConfig.samples_per_problem (m) must be an integer >= 0 (0 = keep all), "
-                f"got {self.samples_per_problem!r}"
-            )
-        if self.clip is not None and (len(self.clip) != 2 or not self.clip[0] < self.clip[1]):
-            raise ValueError(
-                f"ScoringConfig.clip must be None or (low, high) with low < high, got {self.clip!r}"
-            )
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
-            raise ValueError(
-                f"ScoringConfig.max_length must be None or an integer >= 2, got {self.max_length!r}"
-            )
-        if not isinstance(self.batch_tokens, int) or self.batch_tokens < 1:
-            raise ValueError(f"ScoringConfig.batch_tokens must be an integer >= 1, got {self.batch_tokens!r}")
+        """Raise ConfigError (a ValueError) naming the first option with a bad value."""
+        check_options(self)
+        low, high = self.reward_clip_low, self.reward_clip_high
+        if low is not None and high is not None and not low < high:
+            raise bad_value("reward_clip_low", f"below reward_clip_high = {high!r}", low)
+
+    @property
+    def clip(self) -> tuple[float, float] | None:
+        """The reward clip range, or None (no clipping) when either end is None."""
+        if self.reward_clip_low is None or self.reward_clip_high is None:
+            return None
+        return (float(self.reward_clip_low), float(self.reward_clip_high))
 
 
 def _problem_rng(seed: int, problem_id: str) -> np.random.Generator:
@@ -227,7 +250,7 @@ def build_training_set(
     out_path: str | os.PathLike | None,
     config: ScoringConfig,
 ) -> pa.Table:
-    """Score pre-samples and write ``scored.parquet`` atomically (columns: ``COLUMNS``, see INTERFACES.md).
+    """Score pre-samples and write ``scored.parquet`` atomically (columns: ``COLUMNS``, see docs/architecture.md).
 
     ``samples``: records as written by ``sample_problems`` (or the path of ``samples.jsonl``). ``model``:
     the frozen reference model (or a path, loaded with ``modeling.load_model(mode="none")``). Rows are in
@@ -246,7 +269,7 @@ def build_training_set(
     by_id = {p.id: p for p in problems}
     grouped: dict[str, dict[int, dict]] = {pid: {} for pid in by_id}
     for n, rec in enumerate(samples):
-        _validate_record(rec, f"sample {n}")
+        validate_sample(rec, f"sample {n}")
         pid, idx = rec["problem_id"], rec["sample_index"]
         if pid not in by_id:
             raise DataError(

@@ -20,20 +20,19 @@ import json
 import logging
 import math
 import os
-import random
-import re
 import resource
 import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .io import DataError, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from . import checkpoint
+from .io import DataError, append_jsonl, atomic_write_text, read_jsonl
 from .modeling import last_hidden_states, lm_head_weight
+from .options import bad_value, check_options, option, shared
 from .packing import (
     Example,
     PackedBatch,
@@ -42,40 +41,92 @@ from .packing import (
     packed_attention_kwargs,
     plan_micro_batches,
 )
+from .trackers import log_scalars, open_trackers
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("prompt_ids", "response_ids", "ref_logps", "advantage")
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+IMPORTANCE_LEVELS = ("token", "sequence", "sequence_geomean")
+REDUCTIONS = ("sequence_mean", "token_mean")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+REPORT_TARGETS = ("tensorboard", "wandb")
 
 
 @dataclass
 class TrainConfig:
     """Training hyper-parameters; defaults follow the paper and its released code."""
 
-    learning_rate: float = 2e-6
-    num_epochs: int = 1
-    warmup_ratio: float = 0.1
-    lr_scheduler: str = "cosine"  # a transformers.get_scheduler name: cosine, linear, constant...
-    weight_decay: float = 0.0
-    effective_batch_size: int = 32  # sequences per optimizer step
-    micro_batch_tokens: int = 8192  # packed token budget per forward/backward
-    importance_level: str = "sequence_geomean"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    reduction: str = "sequence_mean"
-    max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
-    optimizer: str = "adamw"  # "adamw" (torch) | "paged_adamw_8bit" (bitsandbytes)
+    learning_rate: float = option(
+        2e-6, "Peak learning rate (paper: 2e-7 full Marco-o1, 2e-6 QwQ).", stage="train", range="(0,)"
+    )
+    num_epochs: int = option(1, "Training epochs.", stage="train", range="[1,)")
+    max_steps: int | None = option(
+        None,
+        "Stop after this many optimizer steps (the schedule still spans the full run); for smoke tests.",
+        stage="train",
+        range="[1,)",
+    )
+    warmup_ratio: float = option(0.1, "Warmup fraction of the optimizer steps.", stage="train", range="[0,1]")
+    lr_scheduler: str = option("cosine", "Learning-rate schedule (cosine, linear, constant).", stage="train")
+    weight_decay: float = option(0.0, "AdamW weight decay.", stage="train", range="[0,)")
+    effective_batch_size: int = option(
+        32, "Sequences per optimizer step (gradient accumulation fills it).", stage="train", range="[1,)"
+    )
+    micro_batch_tokens: int = option(
+        8192, "Packed tokens per micro-batch (memory knob).", stage="train", range="[1,)"
+    )
+    importance_level: str = option(
+        "sequence_geomean",
+        "Importance ratio: token, sequence (the paper's formula) or sequence_geomean (released code).",
+        stage="train",
+        choices=IMPORTANCE_LEVELS,
+    )
+    clip_low: float = option(0.2, "PPO clip epsilon below 1.", stage="train", range="[0,)")
+    clip_high: float = option(0.2, "PPO clip epsilon above 1.", stage="train", range="[0,)")
+    reduction: str = option(
+        "sequence_mean", "Loss reduction for --importance-level token.", stage="train", choices=REDUCTIONS
+    )
+    max_grad_norm: float = option(
+        1.0, "Gradient clipping norm (<= 0: no clipping; the norm is still logged).", stage="train"
+    )
+    optimizer: str = option(
+        "adamw", "Optimizer: adamw or paged_adamw_8bit.", stage="train", choices=OPTIMIZERS
+    )
+    bf16: bool = option(True, "bf16 autocast/weights where the hardware supports it.", stage="train")
+    save_every: int = option(
+        0,
+        "Save a resumable checkpoint every N optimizer steps (0: only at the end).",
+        stage=None,
+        range="[0,)",
+    )
+    logging_every: int = option(1, "Log training metrics every N optimizer steps.", stage=None, range="[1,)")
+    report_to: list[str] = option(
+        help="Experiment trackers (e.g. wandb, tensorboard); default none.",
+        stage=None,
+        default_factory=list,
+    )
+    backend: str = option(
+        "auto",
+        "Loss kernel: auto (Triton on CUDA), triton or torch.",
+        stage="train",
+        key="kernel_backend",
+        choices=KERNEL_BACKENDS,
+    )
+    seed: int = shared("seed", 0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    bf16: bool = True  # bf16 autocast, on CUDA only
-    seed: int = 0
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    logging_every: int = 1
-    report_to: list[str] = field(default_factory=list)  # "tensorboard", "wandb"
-    backend: str = "auto"  # kernel backend
     packing: str = "ffd"  # "ffd" (first-fit decreasing) | "sequential"
-    max_steps: int | None = None  # stop after this global step (the LR schedule still spans the full run)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError (a ValueError) naming the first option with a bad value."""
+        check_options(self)
+        for name in self.report_to:
+            if name not in REPORT_TARGETS:
+                raise bad_value("report_to", f"a list of {', '.join(REPORT_TARGETS)}", self.report_to)
 
 
 class TrainingRows:
@@ -170,7 +221,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         table, source = _read_table(train_set)
         self.data = TrainingRows(table, source)
-        self._check_config()
+        config.validate()  # a config mutated after construction is still checked
 
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named_params:
@@ -195,22 +246,6 @@ class Trainer:
         self._writers: list = []
 
     # ------------------------------------------------------------------------------------------ setup
-    def _check_config(self) -> None:
-        c = self.config
-        if c.effective_batch_size < 1:
-            raise ValueError(f"effective_batch_size must be >= 1, got {c.effective_batch_size}")
-        if c.micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens must be >= 1, got {c.micro_batch_tokens}")
-        if c.num_epochs < 1:
-            raise ValueError(f"num_epochs must be >= 1, got {c.num_epochs}")
-        if not 0.0 <= c.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {c.warmup_ratio}")
-        if c.optimizer not in ("adamw", "paged_adamw_8bit"):
-            raise ValueError(f"optimizer={c.optimizer!r}: expected 'adamw' or 'paged_adamw_8bit'")
-        for name in c.report_to:
-            if name not in ("tensorboard", "wandb"):
-                raise ValueError(f"report_to: unknown target {name!r} (expected 'tensorboard' or 'wandb')")
-
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         params = [p for _, p in self.named_params]
@@ -287,19 +322,26 @@ class Trainer:
         n_seq = sum(b.num_sequences for b in batches)
         n_valid = sum(b.num_valid_tokens() for b in batches)
         loss = clip = ratio = 0.0
+        entropy: float | None = 0.0
         for b in batches:
             seq_share = b.num_sequences / n_seq
             tok_share = b.num_valid_tokens() / n_valid
             out = self.micro_batch_loss(b)
             w = tok_share if token_weighted_loss else seq_share
             (out.loss * w).backward()
-            loss += float(out.loss) * w
+            loss += float(out.loss.detach()) * w
             clip += float(out.clip_fraction) * (tok_share if by_token else seq_share)
             ratio += float(out.mean_ratio) * seq_share
+            # Token-weighted mean entropy of the policy, when the loss kernel reports it (else None).
+            step_entropy = getattr(out, "entropy", None)
+            entropy = (
+                None if entropy is None or step_entropy is None else entropy + float(step_entropy) * tok_share
+            )
         return {
             "loss": loss,
             "clip_fraction": clip,
             "mean_ratio": ratio,
+            "entropy": entropy,
             "num_sequences": n_seq,
             "num_tokens": sum(b.num_tokens for b in batches),
             "num_micro_batches": len(batches),
@@ -337,6 +379,7 @@ class Trainer:
                     "loss": m["loss"],
                     "clip_fraction": m["clip_fraction"],
                     "mean_ratio": m["mean_ratio"],
+                    "entropy": m["entropy"],
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens_per_s": m["num_tokens"] / max(dt, 1e-9),
@@ -348,7 +391,7 @@ class Trainer:
                 }
                 if self.global_step % max(1, c.logging_every) == 0 or self.global_step == last:
                     append_jsonl(self.metrics_path, [row])
-                    self._report(row)
+                    log_scalars(self._writers, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", clip=f"{row['clip_fraction']:.3f}")
                 bar.update(1)
                 if (c.save_every and self.global_step % c.save_every == 0) or self.global_step == last:
@@ -377,141 +420,26 @@ class Trainer:
                 if r.get("step", 0) <= self.global_step
             ]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        self._open_writers()
-
-    def _open_writers(self) -> None:
-        for name in self.config.report_to:
-            try:
-                if name == "tensorboard":
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._writers.append(SummaryWriter(str(self.output_dir / "tensorboard")))
-                elif name == "wandb":
-                    import wandb
-
-                    run = wandb.init(
-                        project="o1pruner",
-                        dir=str(self.output_dir),
-                        config=asdict(self.config),
-                        resume="allow",
-                    )
-                    self._writers.append(_WandbWriter(run))
-            except ImportError as e:
-                log.warning("report_to=%s requested but not installed (%s); skipping it", name, e)
-
-    def _report(self, row: dict) -> None:
-        for w in self._writers:
-            for k, v in row.items():
-                if k not in ("step",) and isinstance(v, (int, float)) and v is not None:
-                    w.add_scalar(f"train/{k}", v, row["step"])
+        self._writers = open_trackers(self.config.report_to, self.output_dir, asdict(self.config))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete ``checkpoints/step-N`` (complete ones are renamed into place, never partial)."""
-        if not self.checkpoint_dir.is_dir():
-            return None
-        steps = []
-        for d in self.checkpoint_dir.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and d.is_dir() and (d / "trainer_state.json").exists():
-                steps.append((int(m.group(1)), d))
-        return max(steps)[1] if steps else None
+        """The newest complete ``checkpoints/step-N`` (see :mod:`o1pruner.checkpoint`)."""
+        return checkpoint.latest_checkpoint(self.checkpoint_dir)
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` atomically, then point ``checkpoints/last`` at it."""
-        from safetensors.torch import save_file
-
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        name = f"step-{self.global_step}"
-        final = self.checkpoint_dir / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.checkpoint_dir))
-        try:
-            save_file(
-                {n: p.detach().contiguous().cpu() for n, p in self.named_params},
-                tmp / "trainable.safetensors",
-            )
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            rng = {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            }
-            torch.save(rng, tmp / "rng.pt")
-            epoch, pos = divmod(self.global_step, self.steps_per_epoch)
-            state = {
-                "global_step": self.global_step,
-                "epoch": epoch,
-                "step_in_epoch": pos,
-                "order": self.epoch_order(epoch).tolist(),
-                "elapsed": self.elapsed,
-                "total_steps": self.total_steps,
-                "num_rows": len(self.data),
-                "config": asdict(self.config),
-            }
-            atomic_write_json(tmp / "trainer_state.json", state)  # written last: marks the folder complete
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        atomic_write_text(self.checkpoint_dir / "last", name + "\n")
-        return final
+        return checkpoint.save_checkpoint(self)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore trainable weights, optimizer, scheduler, RNG states and the data position."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        if state["num_rows"] != len(self.data) or state["total_steps"] != self.total_steps:
-            raise ValueError(
-                f"{path}: checkpoint of a run with {state['num_rows']} rows / {state['total_steps']} steps, "
-                f"but this run has {len(self.data)} rows / {self.total_steps} steps (different data or config)"
-            )
-        if state["order"] != self.epoch_order(state["epoch"]).tolist():
-            raise ValueError(f"{path}: data order differs from this run's (different seed?)")
-        weights = load_file(path / "trainable.safetensors")
-        names = {n for n, _ in self.named_params}
-        if set(weights) != names:
-            raise ValueError(f"{path}: trainable parameters differ: {sorted(set(weights) ^ names)[:5]}")
-        with torch.no_grad():
-            for n, p in self.named_params:
-                p.copy_(weights[n].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
-        )
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.global_step = state["global_step"]
-        self.elapsed = state["elapsed"]
-
-
-class _WandbWriter:
-    def __init__(self, run):
-        self.run = run
-
-    def add_scalar(self, key, value, step):
-        self.run.log({key: value}, step=step)
-
-    def close(self):
-        self.run.finish()
+        checkpoint.load_checkpoint(self, path)
 
 
 def _unwrap_config(model):
-    from .modeling import _unwrap
+    from .modeling import unwrap_model
 
-    return _unwrap(model).config
+    return unwrap_model(model).config
 
 
 def _peak_memory_gb(device: torch.device) -> float:

@@ -20,12 +20,16 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Real problem files (MATH, GSM8K, ... as .jsonl), if a data folder is at hand: $O1PRUNER_TEST_DATA, else a
+# data folder beside the repository.
+SHARED_DATA = Path(
+    os.environ.get("O1PRUNER_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real problem files in ../shared/data; tests that need them skip when it is absent."""
+    """The real problem files of the data folder; tests that need them skip when it is absent."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent")
     return SHARED_DATA

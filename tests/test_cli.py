@@ -1,7 +1,8 @@
-"""o1pruner-train end to end on a tiny random model (CPU), reruns, bad inputs and --help.
+"""``o1pruner run`` end to end on a tiny random model (CPU), reruns, bad inputs and --help.
 
-The console scripts may not be installed: the commands run as ``python -m o1pruner.cli`` with the repo on
-PYTHONPATH, in a subprocess, so stderr can be checked for tracebacks exactly as a user would see it.
+The console scripts may not be installed: the commands run as ``python -m o1pruner COMMAND`` with the repo
+on PYTHONPATH, in a subprocess, so stderr can be checked for tracebacks exactly as a user would see it.
+Arguments that do not start with a command run as ``o1pruner run`` (what ``o1pruner-train`` does).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ TRAIN = [("What is 1+1?", "2", "1"), ("What is 2+2?", "4", "2"), ("What is 3+4?"
 EVAL = [("What is 5+5?", "10", "1"), ("What is 6+1?", "7", "2")]
 
 
+COMMANDS = ("run", "sample", "score", "train", "eval", "demo")
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(
         os.environ,
@@ -34,7 +38,7 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
     env.pop("O1PRUNER_DEBUG", None)
     return subprocess.run(
-        [sys.executable, "-m", "o1pruner.cli", *args],
+        [sys.executable, "-m", "o1pruner", *(args if args and args[0] in COMMANDS else ("run", *args))],
         capture_output=True,
         text=True,
         env=env,
@@ -138,7 +142,7 @@ def test_end_to_end_writes_every_output(finished_run):
     out, proc = finished_run["dir"], finished_run["proc"]
     for rel in OUTPUTS:
         assert (out / rel).exists(), rel
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr  # a clean run warns of nothing
     assert "accuracy (%)" in proc.stdout and "AES" in proc.stdout  # the final table
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"baseline", "pruned", "aes", "eval_problems"}
@@ -227,7 +231,7 @@ def test_bad_inputs_exit_2_with_one_message(inputs, tmp_path):
         "missing-model",
     )
     _one_error(run_cli(*_args(inputs, tmp_path / "r1", "--lam", "-1")), "lam")
-    _one_error(run_cli(*_args(inputs, tmp_path / "r2", "--k", "0")), "k = 0")
+    _one_error(run_cli(*_args(inputs, tmp_path / "r2", "--k", "0")), "--k must be >= 1, got 0")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": \n')
     args = _args(inputs, tmp_path / "r3")
@@ -261,6 +265,25 @@ def test_help_lists_the_flags():
         assert group in proc.stdout
     proc = run_cli("sample", "--help")
     assert proc.returncode == 0 and "--k" in proc.stdout
+    proc = run_cli("demo", "--help")
+    assert proc.returncode == 0 and "--eval-dataset" in proc.stdout
+
+
+def test_commands_and_the_run_alias():
+    """``o1pruner`` lists its commands; ``o1pruner-train`` parses exactly the flags of ``o1pruner run``."""
+    from o1pruner import cli
+
+    top = cli.build_main_parser()
+    assert set(COMMANDS) <= set(top._subparsers._group_actions[0].choices)
+    run_flags = {
+        o for a in top._subparsers._group_actions[0].choices["run"]._actions for o in a.option_strings
+    }
+    alias_flags = {o for a in cli.build_run_parser()._actions for o in a.option_strings}
+    assert alias_flags - run_flags == {"--demo"} and run_flags <= alias_flags
+    proc = subprocess.run(
+        [sys.executable, "-m", "o1pruner"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 2 and "run" in proc.stderr and "demo" in proc.stderr
 
 
 def test_check_run_dir_allows_changes_of_later_stages(tmp_path):
@@ -383,5 +406,72 @@ def test_no_arguments_runs_the_toy_demo(monkeypatch, tmp_path, inputs, capsys):
     assert "accuracy (%)" in capsys.readouterr().out
     # --demo with flags: the flags override the demo's settings; a bad one is reported, exit 2.
     assert cli.train_main(["--demo", "--output-dir", str(tmp_path / "d2"), "--k", "0"]) == 2
-    assert "k = 0" in capsys.readouterr().err
+    assert "--k must be >= 1, got 0" in capsys.readouterr().err
     assert cli.train_main(["--demo", "--recipe", "marco-o1-7b"]) == 2
+
+
+def test_max_steps_and_no_eval_dataset(inputs, tmp_path):
+    """--max-steps 2 trains exactly 2 optimizer steps (of 3); without --eval-dataset the run trains, saves
+    the tuned model and says that no evaluation was done."""
+    out = tmp_path / "short"
+    args = _args(inputs, out, "--max-steps", "2")
+    i = args.index("--eval-dataset")
+    del args[i : i + 2]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert (out / "model" / "DONE").exists() and (out / "checkpoints" / "step-2").is_dir()
+    assert not (out / "eval").exists() and not (out / "eval.json").exists()
+    assert "no evaluation done" in proc.stderr and "Traceback" not in proc.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 2
+
+
+def _bad_jsonl(path: Path) -> Path:
+    path.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": \n')
+    return path
+
+
+@pytest.mark.parametrize(
+    "case", ["missing model", "bad train line", "bad eval line", "unknown yaml key", "lam", "kernel backend"]
+)
+def test_bad_input_exits_2_before_any_work(inputs, tmp_path, case):
+    """Each bad input is refused with exit 2 and one line naming the culprit, before any model is
+    loaded or sampled from: the run directory is not even created."""
+    out = tmp_path / "run"
+    args = _args(inputs, out)
+
+    def replace(flag: str, value: str) -> None:
+        args[args.index(flag) + 1] = value
+
+    if case == "missing model":
+        replace("--model", str(tmp_path / "no-such-model"))
+        needles = ["no-such-model"]
+    elif case == "bad train line":
+        replace("--dataset", str(_bad_jsonl(tmp_path / "train.jsonl")))
+        needles = [str(tmp_path / "train.jsonl"), "line 2"]
+    elif case == "bad eval line":
+        replace("--eval-dataset", str(_bad_jsonl(tmp_path / "eval.jsonl")))
+        needles = [str(tmp_path / "eval.jsonl"), "line 2"]
+    elif case == "unknown yaml key":
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text("k: 2\nlearnig_rate: 1e-5\n")
+        args += ["--config", str(cfg)]
+        needles = [str(cfg), "learnig_rate", "learning_rate"]
+    elif case == "lam":
+        args += ["--lam", "-1"]
+        needles = ["--lam", "-1"]
+    else:
+        replace("--kernel-backend", "cuda-magic")
+        needles = ["--kernel-backend", "cuda-magic"]
+    _one_error(run_cli(*args), *needles)
+    assert not out.exists()
+
+
+def test_model_folder_without_config_is_refused(inputs, tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    args = _args(inputs, tmp_path / "run")
+    args[args.index("--model") + 1] = str(empty)
+    _one_error(run_cli(*args), "empty-model", "config.json")
+    assert not (tmp_path / "run").exists()

@@ -7,14 +7,19 @@ from dataclasses import fields
 import pytest
 
 from o1pruner.config import (
+    SECTIONS,
     ConfigError,
+    ModelConfig,
     PipelineConfig,
     coerce_value,
     diff_configs,
+    holders,
     load_recipe,
+    options,
     recipe_names,
     resolve_config,
 )
+from o1pruner.options import strip_optional
 
 
 def _write(tmp_path, text: str, name: str = "cfg.yaml"):
@@ -30,11 +35,24 @@ def test_defaults_follow_the_paper():
     assert cfg.eval_greedy and cfg.eval_max_new_tokens == 8192 and cfg.warmup_ratio == 0.1
 
 
-def test_every_field_has_help_group_and_stage_metadata():
-    for f in fields(PipelineConfig):
-        assert f.metadata.get("help"), f.name
-        assert f.metadata.get("group") in ("run", "model", "data", "sample", "score", "train", "eval"), f.name
-        assert f.metadata.get("stage") in (None, "sample", "score", "train", "eval"), f.name
+def test_every_option_has_help_group_and_stage_metadata():
+    opts = options()
+    assert len(opts) == len(PipelineConfig().to_dict()) >= 60
+    for key, opt in opts.items():
+        assert opt.field.metadata.get("help"), key
+        assert opt.group in ("run", "model", "data", "sample", "score", "train", "eval"), key
+        assert opt.field.metadata.get("stage") in (None, "sample", "score", "train", "eval"), key
+
+
+def test_shared_fields_have_one_declaration_and_the_same_default():
+    """A shared field (seed, system_prompt, ...) repeats an option declared once elsewhere, same default."""
+    opts = options()
+    for section, (cls, _) in SECTIONS.items():
+        for f in fields(cls):
+            if f.metadata.get("shared"):
+                key = f.metadata["key"]
+                assert key in opts and opts[key].section != section, (section, f.name)
+                assert f.default == opts[key].field.default, (section, f.name)
 
 
 def test_yaml_then_flags_override(tmp_path):
@@ -119,8 +137,12 @@ def test_wrong_types_name_the_key(tmp_path, text, culprit):
     ],
 )
 def test_bad_values(overrides, culprit):
-    with pytest.raises(ConfigError, match=culprit):
+    """A refused flag value is named as the flag; the same value from a YAML file, as its key."""
+    with pytest.raises(ConfigError, match="--" + culprit.replace("_", "-")):
         resolve_config(overrides=overrides)
+    if culprit in overrides:
+        with pytest.raises(ConfigError, match=f"recipe 'toy': key '{culprit}'"):
+            resolve_config(base=overrides, base_source="recipe 'toy'")
 
 
 def test_flag_type_error_names_the_flag():
@@ -169,6 +191,7 @@ def test_stage_configs_carry_the_values():
             "eval_greedy": "false",
             "eval_num_samples": "2",
             "reward_clip_low": "none",
+            "max_steps": "3",
         }
     )
     s = cfg.sampling_config()
@@ -176,32 +199,92 @@ def test_stage_configs_carry_the_values():
     sc = cfg.scoring_config()
     assert (sc.lam, sc.max_length, sc.clip, sc.seed) == (5.0, 128, None, 7)
     e = cfg.eval_config()
-    assert e.greedy is False and e.num_samples == 2 and e.responses_per_problem == 2
-    pytest.importorskip("o1pruner.train")
+    assert e.greedy is False and e.num_samples == 2 and e.responses_per_problem == 2 and e.seed == 7
     t = cfg.train_config()
     assert t.learning_rate == cfg.learning_rate and t.importance_level == "sequence_geomean" and t.seed == 7
+    assert cfg.max_steps == 3 and t.max_steps == 3
 
 
-def test_stage_config_mappings_use_existing_field_names():
-    """Every value PipelineConfig hands to a stage config is a field there (nothing silently dropped)."""
+def _other_value(key: str, opt):
+    """A valid value of option ``key`` that differs from its default (raw, as a flag would give it)."""
+    special = {
+        "model": "org/other-model",
+        "dataset": "gsm8k",
+        "eval_dataset": "math500",
+        "mode": "lora",
+        "freeze_last_n_layers": "3",
+        "report_to": "tensorboard",
+        "reward_clip_low": "-1.5",
+        "reward_clip_high": "3.5",
+        "top_p": "0.7",
+        "eval_top_p": "0.7",
+        "gpu_memory_utilization": "0.5",
+        "warmup_ratio": "0.25",
+        "lora_dropout": "0.05",
+        "eval_backend": "vllm",
+        "sampling_backend": "vllm",
+    }
+    if key in special:
+        return special[key]
+    f = opt.field
+    default = f.default
+    if f.metadata.get("choices"):
+        return next(c for c in f.metadata["choices"] if c != default)
+    base = strip_optional(opt.type)[1]
+    if base is bool:
+        return str(not default).lower()
+    if base is int:
+        return str((default or 1) + 2)
+    if base is float:
+        return str((default or 1.0) * 1.5 + 0.25)
+    return f"other-{key}"
+
+
+def test_every_option_reaches_the_code_that_uses_it():
+    """Each option, set alone to a non-default value, shows in what its consumers receive, and the
+    consumer's code reads that field: a declared option cannot silently be a no-op (as max_steps was)."""
     import inspect
 
-    from o1pruner import config as config_mod
-    from o1pruner.evaluate import EvalConfig
-    from o1pruner.sampling import SamplingConfig
-    from o1pruner.scoring import ScoringConfig
+    from o1pruner import evaluate, modeling, pipeline, sampling, scoring, stages, train
+    from o1pruner.stages import evaluate as eval_stage
+    from o1pruner.stages import report, sample, score
+    from o1pruner.stages import train as train_stage
 
-    targets = {"sampling_config": SamplingConfig, "scoring_config": ScoringConfig, "eval_config": EvalConfig}
-    try:
-        from o1pruner.train import TrainConfig
-
-        targets["train_config"] = TrainConfig
-    except ImportError:
-        pass
-    import re
-
-    for method, cls in targets.items():
-        src = inspect.getsource(getattr(config_mod.PipelineConfig, method))
-        keys = re.findall(r'"(\w+)":', src)
-        known = {f.name for f in fields(cls)}
-        assert keys and set(keys) <= known, (method, set(keys) - known)
+    driver = inspect.getsource(pipeline) + "".join(
+        inspect.getsource(m) for m in (stages, sample, score, train_stage, eval_stage, report)
+    )
+    consumers = {  # section -> source of the code that receives that section
+        "run": driver,
+        "model_config": driver + inspect.getsource(ModelConfig.load_kwargs),
+        "data": driver,
+        "sampling": inspect.getsource(sampling),
+        "scoring": inspect.getsource(scoring),
+        "training": inspect.getsource(train),
+        "evaluation": inspect.getsource(evaluate) + inspect.getsource(sampling),
+    }
+    needs = {"freeze_last_n_layers": {"mode": "freeze"}, "eval_backend": {"merge": "true"}}
+    default = PipelineConfig()
+    for key, opt in options().items():
+        raw = _other_value(key, opt)
+        cfg = resolve_config(overrides={**needs.get(key, {}), key: raw})
+        want = coerce_value(key, raw)
+        assert getattr(cfg, key) == want != getattr(default, key), key
+        received = {
+            "run": cfg.run,
+            "model_config": cfg.model_config,
+            "data": cfg.data,
+            "sampling": cfg.sampling_config(),
+            "scoring": cfg.scoring_config(),
+            "training": cfg.train_config(),
+            "evaluation": cfg.eval_config(),
+        }
+        for section, name in holders(key):
+            assert getattr(received[section], name) == want, (key, section)
+            if section == opt.section and len(holders(key)) > 1:
+                continue  # declared here for the --help, used through its shared copies
+            reads = (f".{name}", f'"{name}"', f"{name}=")
+            assert any(r in consumers[section] for r in reads), f"{key}: nothing reads {section}.{name}"
+    # What the model loader receives are its own parameters, and carry the values.
+    kwargs = resolve_config(overrides={"lora_r": "5", "torch_dtype": "float32"}).model_kwargs()
+    assert set(kwargs) <= set(inspect.signature(modeling.load_model).parameters)
+    assert (kwargs["lora_r"], kwargs["torch_dtype"]) == (5, "float32")

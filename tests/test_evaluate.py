@@ -222,7 +222,7 @@ def test_report_accuracy_drop_and_no_training(tmp_path):
     tuned = _result(0.4, [50, 50])
     write_report(tmp_path, base, tuned)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["aes"] == pytest.approx(0.5 - 5 * 0.5)  # METHOD.md: a fall costs gamma*|dA|
+    assert metrics["aes"] == pytest.approx(0.5 - 5 * 0.5)  # docs/method.md: a fall costs gamma*|dA|
     assert not (tmp_path / PLOTS["training"]).exists()
     _is_png(tmp_path / PLOTS["lengths"])
     _is_png(tmp_path / PLOTS["accuracy"])

@@ -33,7 +33,7 @@ CASES = [
     ("<think>maybe \\boxed{17}</think>\nFinal: \\boxed{18}", "18", True),
     ("<think>so \\boxed{18}</think>", "18", False),
     ("<think>first pass</think> \\boxed{1} <think>again</think> \\boxed{18}", "18", True),
-    # no </think>: the whole response counts (METHOD.md: "the last \boxed{} (after any </think>)")
+    # no </think>: the whole response counts (docs/method.md: "the last \boxed{} (after any </think>)")
     ("<think>Let me compute 15+3 = 18, so \\boxed{18} is likely. But wait", "18", True),
     # a statement followed by more reasoning is not a closing answer (cut off at the token limit)
     (

@@ -112,7 +112,7 @@ def test_aes_reproduces_paper_rows(base_acc, base_len, acc, length, reported):
 def test_aes_by_hand_both_branches():
     # dL = (1000 - 700)/1000 = 0.3, dA = (0.55 - 0.5)/0.5 = 0.1 -> 0.3 + 3*0.1
     assert aes(0.55, 700, 0.5, 1000) == pytest.approx(0.6)
-    # dA = (0.45 - 0.5)/0.5 = -0.1 -> 0.3 - 5*0.1 (METHOD.md definition, not the paper's +beta*|dA|)
+    # dA = (0.45 - 0.5)/0.5 = -0.1 -> 0.3 - 5*0.1 (docs/method.md definition, not the paper's +beta*|dA|)
     assert aes(0.45, 700, 0.5, 1000) == pytest.approx(-0.2)
     assert aes(0.45, 700, 0.5, 1000, alpha=2.0, gamma=1.0) == pytest.approx(0.5)
     assert aes(0.5, 1200, 0.5, 1000) == pytest.approx(-0.2)  # dA = 0 uses the beta branch (0 either way)

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import make_tiny_model
 
-from o1pruner import sampling
+from o1pruner import records as record_module
 from o1pruner.data import Problem
 from o1pruner.io import DataError, read_jsonl
 from o1pruner.modeling import load_model
@@ -86,7 +86,7 @@ def test_hf_sampling_writes_k_records(model_dir, tmp_path, monkeypatch):
         calls.append((text, gold))
         return gold in ("1", "3")
 
-    monkeypatch.setattr(sampling, "is_correct", fake_is_correct)
+    monkeypatch.setattr(record_module, "is_correct", fake_is_correct)
     problems = _problems(5)
     cfg = SamplingConfig(k=3, max_new_tokens=7, batch_size=4, seed=11)
     out = tmp_path / "samples.jsonl"

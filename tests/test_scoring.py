@@ -77,7 +77,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="lam"):
         ScoringConfig(lam=-0.5)
     with pytest.raises(ValueError, match="clip"):
-        ScoringConfig(clip=(4.0, -2.0))
+        ScoringConfig(reward_clip_low=4.0, reward_clip_high=-2.0)
     cfg = ScoringConfig()
     assert (cfg.lam, cfg.samples_per_problem, cfg.clip, cfg.zscore) == (2.0, 2, (-2.0, 4.0), True)
 
@@ -85,7 +85,14 @@ def test_config_validation():
 def test_rewards_and_advantages_by_hand(loaded, tmp_path):
     model, tok = loaded
     lam = 3.0
-    cfg = ScoringConfig(lam=lam, samples_per_problem=0, clip=(-0.5, 1.0), zscore=True, max_length=None)
+    cfg = ScoringConfig(
+        lam=lam,
+        samples_per_problem=0,
+        reward_clip_low=-0.5,
+        reward_clip_high=1.0,
+        zscore=True,
+        max_length=None,
+    )
     out = tmp_path / "scored.parquet"
     table = build_training_set(_problems(), _samples(), model, tok, out, cfg)
     assert table.column_names == list(COLUMNS)
@@ -126,7 +133,14 @@ def test_rewards_and_advantages_by_hand(loaded, tmp_path):
         model,
         tok,
         None,
-        ScoringConfig(lam=lam, samples_per_problem=0, clip=None, zscore=False, max_length=None),
+        ScoringConfig(
+            lam=lam,
+            samples_per_problem=0,
+            reward_clip_low=None,
+            reward_clip_high=None,
+            zscore=False,
+            max_length=None,
+        ),
     )
     np.testing.assert_allclose(plain.column("advantage").to_numpy(), raw, rtol=1e-12)
     # written atomically, and reads back identical with the declared types

@@ -1,0 +1,121 @@
+"""Trainer checkpoints: ``checkpoints/step-N`` written atomically, and an exact restore from them.
+
+A checkpoint holds the trainable weights (safetensors), the optimizer, scheduler and RNG states and the
+data position; ``trainer_state.json`` is written last, so a folder without it is incomplete and ignored.
+``checkpoints/last`` names the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from o1pruner.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from o1pruner.train import Trainer
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete ``checkpoints/step-N`` (complete ones are renamed into place, never partial)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    steps = []
+    for d in checkpoint_dir.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / "trainer_state.json").exists():
+            steps.append((int(m.group(1)), d))
+    return max(steps)[1] if steps else None
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """Write ``checkpoints/step-N`` atomically, then point ``checkpoints/last`` at it."""
+    from safetensors.torch import save_file
+
+    trainer.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{trainer.global_step}"
+    final = trainer.checkpoint_dir / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=trainer.checkpoint_dir))
+    try:
+        save_file(
+            {n: p.detach().contiguous().cpu() for n, p in trainer.named_params},
+            tmp / "trainable.safetensors",
+        )
+        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(rng, tmp / "rng.pt")
+        epoch, pos = divmod(trainer.global_step, trainer.steps_per_epoch)
+        state = {
+            "global_step": trainer.global_step,
+            "epoch": epoch,
+            "step_in_epoch": pos,
+            "order": trainer.epoch_order(epoch).tolist(),
+            "elapsed": trainer.elapsed,
+            "total_steps": trainer.total_steps,
+            "num_rows": len(trainer.data),
+            "config": asdict(trainer.config),
+        }
+        atomic_write_json(tmp / "trainer_state.json", state)  # written last: marks the folder complete
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_text(trainer.checkpoint_dir / "last", name + "\n")
+    return final
+
+
+def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
+    """Restore trainable weights, optimizer, scheduler, RNG states and the data position."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    if state["num_rows"] != len(trainer.data) or state["total_steps"] != trainer.total_steps:
+        raise ValueError(
+            f"{path}: checkpoint of a run with {state['num_rows']} rows / {state['total_steps']} steps, "
+            f"but this run has {len(trainer.data)} rows / {trainer.total_steps} steps (different data or config)"
+        )
+    if state["order"] != trainer.epoch_order(state["epoch"]).tolist():
+        raise ValueError(f"{path}: data order differs from this run's (different seed?)")
+    weights = load_file(path / "trainable.safetensors")
+    names = {n for n, _ in trainer.named_params}
+    if set(weights) != names:
+        raise ValueError(f"{path}: trainable parameters differ: {sorted(set(weights) ^ names)[:5]}")
+    with torch.no_grad():
+        for n, p in trainer.named_params:
+            p.copy_(weights[n].to(p.device, p.dtype))
+    trainer.optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", map_location=trainer.device, weights_only=False)
+    )
+    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    trainer.global_step = state["global_step"]
+    trainer.elapsed = state["elapsed"]

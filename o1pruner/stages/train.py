@@ -1,0 +1,32 @@
+"""Stage 3, training: off-policy PPO-clip on ``scored.parquet``; writes ``checkpoints/``, ``model/``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from o1pruner.modeling import free_memory
+
+if TYPE_CHECKING:
+    from o1pruner.pipeline import Pipeline
+
+
+def run(p: Pipeline) -> None:
+    """Train the reference model on ``scored.parquet`` and save it to ``model/`` (skipped when done)."""
+    model_dir = p.path("model")
+    if p.is_complete("train", "model/DONE"):
+        return
+    p.require("scored.parquet", "score")
+    from o1pruner.modeling import save_model
+    from o1pruner.train import Trainer
+
+    model = p.models.reference()
+    if p.path("checkpoints").exists():
+        p.log("train: resuming from checkpoints/")
+    trainer = Trainer(model, p.path("scored.parquet"), p.cfg.train_config(), p.run_dir)
+    trainer.train(resume=True)
+    del trainer  # optimizer state and gradients go before evaluation
+    free_memory()
+    p.models.state = "tuned"
+    model.eval()
+    save_model(model, p.models.tokenizer(), model_dir, merge=p.cfg.merge)  # atomic, writes model/DONE
+    p.log(f"train: tuned model saved to {model_dir}{' (merged)' if p.cfg.merge else ''}")
