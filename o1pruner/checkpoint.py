@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from o1pruner.io import atomic_write_json, atomic_write_text
+from o1pruner.io import DataError, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from o1pruner.train import Trainer
@@ -107,11 +107,9 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     with torch.no_grad():
         for n, p in trainer.named_params:
             p.copy_(weights[n].to(p.device, p.dtype))
-    trainer.optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=trainer.device, weights_only=False)
-    )
-    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    trainer.optimizer.load_state_dict(load_state(path / "optimizer.pt", map_location=trainer.device))
+    trainer.scheduler.load_state_dict(load_state(path / "scheduler.pt"))
+    rng = load_state(path / "rng.pt")
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
@@ -119,3 +117,26 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
     trainer.global_step = state["global_step"]
     trainer.elapsed = state["elapsed"]
+
+
+def _numpy_rng_globals() -> list:
+    """What ``np.random.get_state()`` pickles to: an MT19937 key array (numpy 1 and numpy 2 paths)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_state(path: Path, map_location=None):
+    """``torch.load`` of a checkpoint file with ``weights_only=True``: tensors, containers and numbers,
+    plus numpy's RNG state, and nothing else. A file that would run other code (a pickle planted in a
+    shared run directory) raises DataError naming it."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"{path}: refused to load this checkpoint file (only tensors, numbers and containers are "
+            f"accepted): {first}; delete the checkpoint folder to train from the previous one"
+        ) from None

@@ -39,6 +39,7 @@ from o1pruner.options import (
     flat_key,
     option,
     option_fields,
+    shared,
     strip_optional,
     suggest,
 )
@@ -135,6 +136,7 @@ class ModelConfig:
     merge: bool = option(
         False, "Save the tuned model with the LoRA adapter merged into full weights.", stage="train"
     )
+    seed: int = shared("seed", 0)  # seeds the weights load creates (a new LoRA adapter)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -154,6 +156,7 @@ class ModelConfig:
             "attn_implementation": self.attn_implementation,
             "torch_dtype": self.torch_dtype,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "seed": self.seed,
         }
 
 
@@ -317,14 +320,6 @@ class PipelineConfig:
         """Checks across sections (each section checks its own options when built)."""
         if self.sampling.temperature <= 0:
             raise bad_value("temperature", "> 0 for pre-sampling", self.sampling.temperature)
-        if (
-            self.evaluation.backend == "vllm"
-            and self.model_config.mode in ("qlora", "lora")
-            and not self.merge
-        ):
-            raise ConfigError(
-                "eval_backend = 'vllm': vllm evaluation of a LoRA adapter needs --merge", key="eval_backend"
-            )
 
     # ------------------------------------------------------------------ stage configs
     def sampling_config(self) -> SamplingConfig:

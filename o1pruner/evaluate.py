@@ -21,7 +21,7 @@ from o1pruner.io import append_jsonl, read_jsonl
 from o1pruner.options import check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT
 from o1pruner.records import eval_record
-from o1pruner.sampling import BACKENDS
+from o1pruner.sampling import BACKENDS, default_backend
 
 
 @dataclass
@@ -59,9 +59,9 @@ class EvalConfig:
         range="[1,)",
     )
     backend: str = option(
-        "hf",
-        "Generation backend for evaluation: hf or vllm.",
+        help="Generation backend for evaluation: hf or vllm (default: vllm when it is installed, else hf).",
         stage="eval",
+        default_factory=default_backend,
         key="eval_backend",
         choices=BACKENDS,
     )
@@ -70,8 +70,10 @@ class EvalConfig:
     )
     system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
     seed: int = shared("seed", 0)
-    gpu_memory_utilization: float = shared("gpu_memory_utilization", 0.85)
+    gpu_memory_utilization: float | None = shared("gpu_memory_utilization", None)
     quantization: str | None = shared("quantization", None)
+    # Not an option: a LoRA adapter folder that vLLM serves on top of the model (the tuned evaluation).
+    lora_path: str | None = None
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -93,6 +95,7 @@ class EvalConfig:
             "system_prompt": self.system_prompt,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "quantization": self.quantization,
+            "lora_path": self.lora_path,
         }
         known = {f.name for f in fields(SamplingConfig)}
         return SamplingConfig(**{k: v for k, v in values.items() if k in known})

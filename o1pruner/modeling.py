@@ -100,12 +100,14 @@ def load_model(
     torch_dtype: str | torch.dtype | None = None,
     device: str | None = None,
     gradient_checkpointing: bool = False,
+    seed: int | None = None,
 ):
     """Load a causal LM (Hub name or local folder; a folder holding a peft adapter loads base + adapter).
 
     Returns ``(model, tokenizer)``. ``attn_implementation`` None picks ``default_attn_implementation()``;
     ``torch_dtype`` None picks bf16 on a bf16-capable GPU, else float32; ``device`` None picks cuda if
-    available, else cpu.
+    available, else cpu. ``seed`` (not None) seeds torch's generator before any weight is created, so a
+    new LoRA adapter starts from the same values in every run.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -136,9 +138,13 @@ def load_model(
             llm_int8_skip_modules=["lm_head"],
         )
         kwargs["device_map"] = {"": device}
+    if seed is not None:
+        torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     if mode != "qlora":
         model.to(device)
+    else:
+        keep_4bit_layout_for_training(model)
     tok_path = adapter_path or name_or_path
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
 
@@ -198,6 +204,26 @@ def load_model(
         model.train()
     lm_head_weight(model).requires_grad_(mode == "full")
     return model, tokenizer
+
+
+def keep_4bit_layout_for_training(model) -> int:
+    """Keep bitsandbytes 4-bit weights in their trainable layout on the CPU; returns the layers changed.
+
+    On a CPU with AVX-512 BF16, bitsandbytes repacks a ``Linear4bit`` weight into a CPU-only inference
+    layout the first time the layer runs in eval mode without grad (``packing_format_for_cpu``), and from
+    then on ``matmul_4bit`` takes that path even in training, where it adds the bias in place and fails
+    ("a view of a leaf Variable that requires grad is being used in an in-place operation"). The layout
+    also computes in bf16, so reference log-probs scored in eval mode would not match the training
+    forward. The model we train, score and evaluate therefore never switches.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - qlora needs bitsandbytes
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def unwrap_model(model):
@@ -278,6 +304,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False
                 info["merged"] = True
             else:
                 model.save_pretrained(tmp)
+                _canonical_adapter_config(tmp / "adapter_config.json")
                 info["adapter"] = True
         else:
             target = _config_dtype(model)
@@ -302,6 +329,15 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """Rewrite peft's adapter config with sorted keys and target modules: peft lists the modules from a
+    set (an order that changes with the interpreter's hash seed), so two identical runs would differ."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _config_dtype(model) -> torch.dtype:

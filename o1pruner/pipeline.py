@@ -250,6 +250,10 @@ class Pipeline:
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
         self.prepare(self.preflight(stages))
+        self.log(
+            f"backends: sampling {self.cfg.sampling_backend}, evaluation {self.cfg.eval_backend} "
+            "(vllm when it is installed, else hf, unless set)"
+        )
         do_eval = "eval" in stages and self.has_eval_set()
         result = None
         try:

@@ -40,6 +40,13 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
 
 
+def default_backend() -> str:
+    """``"vllm"`` when vLLM is installed (its package is found; importing it takes seconds), else ``"hf"``."""
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
 @dataclass
 class SamplingConfig:
     """How pre-samples (and greedy evaluation answers, with ``temperature=0``, ``k=1``) are drawn.
@@ -59,9 +66,9 @@ class SamplingConfig:
     top_p: float = option(0.8, "Top-p of the pre-sampling.", stage="sample", range="(0,1]")
     max_new_tokens: int = option(8192, "Maximum new tokens per pre-sample.", stage="sample", range="[1,)")
     backend: str = option(
-        "hf",
-        "Generation backend for pre-sampling: hf or vllm.",
+        help="Generation backend for pre-sampling: hf or vllm (default: vllm when it is installed, else hf).",
         stage="sample",
+        default_factory=default_backend,
         key="sampling_backend",
         choices=BACKENDS,
     )
@@ -72,14 +79,19 @@ class SamplingConfig:
         key="sampling_batch_size",
         range="[1,)",
     )
-    gpu_memory_utilization: float = option(
-        0.85, "vLLM: fraction of GPU memory to use.", stage=None, range="(0,1]"
+    gpu_memory_utilization: float | None = option(
+        None,
+        "vLLM: fraction of GPU memory (of RAM on a CPU) to use; default 0.85, 0.1 on a CPU.",
+        stage=None,
+        range="(0,1]",
     )
     quantization: str | None = option(
         None, "vLLM: weight quantization (e.g. bitsandbytes, fp8).", stage="sample"
     )
     seed: int = shared("seed", 0)
     system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
+    # Not an option: the evaluation stage sets it to the tuned adapter that vLLM serves on the base model.
+    lora_path: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -283,16 +295,12 @@ def _import_vllm():
 
 
 def make_vllm_engine(path: str | os.PathLike, config: SamplingConfig):
-    """Start a vLLM offline engine on a model folder or Hub name (bf16, prefix caching on)."""
+    """Start a vLLM offline engine on a model folder or Hub name (bf16, prefix caching on; LoRA serving
+    when ``config.lora_path`` is set: see :mod:`o1pruner.vllm_engine`)."""
+    from o1pruner.vllm_engine import engine_kwargs
+
     vllm = _import_vllm()
-    return vllm.LLM(
-        model=str(path),
-        dtype="bfloat16",
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        seed=config.seed,
-        quantization=config.quantization,
-        enable_prefix_caching=True,
-    )
+    return vllm.LLM(**engine_kwargs(path, config))
 
 
 class _EngineHolder:
@@ -386,7 +394,10 @@ def _vllm_generate_requests(
         for _, seed in requests
     ]
     prompts = [{"prompt_token_ids": list(ids)} for ids, _ in requests]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    from o1pruner.vllm_engine import lora_request
+
+    adapter = lora_request(config)
+    outputs = llm.generate(prompts, params, use_tqdm=False, **({"lora_request": adapter} if adapter else {}))
     eos_ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
     with contextlib.suppress(Exception):
         eos_ids += _as_id_list(getattr(llm.llm_engine.model_config.hf_config, "eos_token_id", None))

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import random
 import resource
 import shutil
 import time
@@ -312,6 +313,7 @@ class Trainer:
             clip_high=c.clip_high,
             reduction=c.reduction,
             backend=c.backend,
+            return_entropy=True,
         )
 
     def forward_backward(self, rows: list[int]) -> dict:
@@ -322,7 +324,7 @@ class Trainer:
         n_seq = sum(b.num_sequences for b in batches)
         n_valid = sum(b.num_valid_tokens() for b in batches)
         loss = clip = ratio = 0.0
-        entropy: float | None = 0.0
+        entropy = 0.0
         for b in batches:
             seq_share = b.num_sequences / n_seq
             tok_share = b.num_valid_tokens() / n_valid
@@ -332,11 +334,8 @@ class Trainer:
             loss += float(out.loss.detach()) * w
             clip += float(out.clip_fraction) * (tok_share if by_token else seq_share)
             ratio += float(out.mean_ratio) * seq_share
-            # Token-weighted mean entropy of the policy, when the loss kernel reports it (else None).
-            step_entropy = getattr(out, "entropy", None)
-            entropy = (
-                None if entropy is None or step_entropy is None else entropy + float(step_entropy) * tok_share
-            )
+            # Mean policy entropy over valid tokens (0.0 at ignored ones), watched for collapse.
+            entropy += float(out.entropy.sum()) / n_valid
         return {
             "loss": loss,
             "clip_fraction": clip,
@@ -409,9 +408,12 @@ class Trainer:
         if ckpt is not None:
             self.load_checkpoint(ckpt)
             log.info("resumed from %s (step %d)", ckpt, self.global_step)
-        elif not resume and self.checkpoint_dir.exists():
-            log.warning("resume=False: removing the old checkpoints in %s", self.checkpoint_dir)
-            shutil.rmtree(self.checkpoint_dir)
+        else:
+            if not resume and self.checkpoint_dir.exists():
+                log.warning("resume=False: removing the old checkpoints in %s", self.checkpoint_dir)
+                shutil.rmtree(self.checkpoint_dir)
+            # Dropout and any other draw start from the seed, not from whatever ran before in this process.
+            seed_everything(self.config.seed)
         # Drop metric rows past the restored step: they will be recomputed, identically.
         if self.metrics_path.exists():
             rows = [
@@ -447,3 +449,10 @@ def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (CUDA's too, when present)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

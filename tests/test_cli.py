@@ -8,7 +8,6 @@ Arguments that do not start with a command run as ``o1pruner run`` (what ``o1pru
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,35 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_runs import COMMANDS, REPO, run_cli
 from helpers import make_tiny_model
 
 from o1pruner.config import ConfigError, resolve_config
 from o1pruner.pipeline import check_run_dir
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = [("What is 1+1?", "2", "1"), ("What is 2+2?", "4", "2"), ("What is 3+4?", "7", "1")]
 EVAL = [("What is 5+5?", "10", "1"), ("What is 6+1?", "7", "2")]
-
-
-COMMANDS = ("run", "sample", "score", "train", "eval", "demo")
-
-
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env.pop("O1PRUNER_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "o1pruner", *(args if args and args[0] in COMMANDS else ("run", *args))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=REPO,
-    )
 
 
 def _jsonl(path: Path, rows) -> Path:

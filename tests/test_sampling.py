@@ -32,6 +32,7 @@ from o1pruner.sampling import (
     read_samples,
     sample_problems,
 )
+from o1pruner.vllm_engine import memory_utilization
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "sampling_worker.py"
@@ -417,7 +418,7 @@ def test_vllm_plumbing_on_a_fake_engine(fake_vllm, model_dir, loaded, tmp_path):
     assert llm.kwargs == {
         "model": str(model_dir),
         "dtype": "bfloat16",
-        "gpu_memory_utilization": 0.85,
+        "gpu_memory_utilization": memory_utilization(None),
         "seed": 4,
         "quantization": "awq",
         "enable_prefix_caching": True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -11,8 +12,19 @@ if TYPE_CHECKING:
     from o1pruner.pipeline import Pipeline
 
 
-def evaluate(p: Pipeline, name: str, get_model: Callable[[], Any], path_for_vllm: Callable[[], str]) -> dict:
-    """Evaluate one model (``name``: base or tuned) into ``eval/NAME.json``; returns its result."""
+def evaluate(
+    p: Pipeline,
+    name: str,
+    get_model: Callable[[], Any],
+    path_for_vllm: Callable[[], str],
+    *,
+    backend: str | None = None,
+    lora_path: str | None = None,
+) -> dict:
+    """Evaluate one model (``name``: base or tuned) into ``eval/NAME.json``; returns its result.
+
+    ``backend`` overrides the configured one; ``lora_path`` is an adapter that vLLM serves on the model.
+    """
     import json
 
     from o1pruner.evaluate import evaluate_model
@@ -21,17 +33,19 @@ def evaluate(p: Pipeline, name: str, get_model: Callable[[], Any], path_for_vllm
     if p.is_complete(f"eval {name}", f"eval/{name}.json"):
         return json.loads(out.read_text(encoding="utf-8"))
     problems = p.eval_problems()
-    if p.cfg.eval_backend == "vllm":
+    config = p.cfg.eval_config()
+    config = dataclasses.replace(config, backend=backend or config.backend, lora_path=lora_path)
+    if config.backend == "vllm":
         p.models.release()
         model = path_for_vllm()
     else:
         model = get_model()
-    p.log(f"eval {name}: {len(problems)} problems")
+    p.log(f"eval {name}: {len(problems)} problems (backend {config.backend})")
     result = evaluate_model(
         model,
         p.models.tokenizer(),
         problems,
-        p.cfg.eval_config(),
+        config,
         out_path=p.path(f"eval/{name}_responses.jsonl"),
         desc=f"eval {name}",
     )
@@ -45,5 +59,14 @@ def base(p: Pipeline) -> dict:
 
 
 def tuned(p: Pipeline) -> dict:
-    """The tuned model's evaluation."""
-    return evaluate(p, "tuned", p.models.tuned, lambda: str(p.path("model")))
+    """The tuned model's evaluation; with vLLM a LoRA adapter is served on the base model, unmerged."""
+    model_dir = p.path("model")
+    if p.cfg.eval_backend == "vllm" and (model_dir / "adapter_config.json").exists():
+        from o1pruner.vllm_engine import lora_unsupported_reason
+
+        reason = lora_unsupported_reason(model_dir)
+        if reason is None:  # enable_lora + a LoRARequest per prompt
+            return evaluate(p, "tuned", p.models.tuned, lambda: str(p.cfg.model), lora_path=str(model_dir))
+        p.log(f"eval tuned: vLLM cannot serve this adapter ({reason}); evaluating it with hf")
+        return evaluate(p, "tuned", p.models.tuned, lambda: str(p.cfg.model), backend="hf")
+    return evaluate(p, "tuned", p.models.tuned, lambda: str(model_dir))
