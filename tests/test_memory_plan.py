@@ -166,7 +166,7 @@ def test_vllm_stage_fits_its_share_and_quantization_fixes_it():
     opts = {
         "mode": "qlora",
         "sampling_backend": "vllm",
-        "gpu_memory_utilization": 0.85,
+        "gpu_memory_utilization": 0.8,
         "max_new_tokens": 8192,
     }
     sample = lambda o: next(s for s in plan_memory(arch, o, 80).stages if s.name == "sample")
