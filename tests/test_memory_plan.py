@@ -1,0 +1,176 @@
+"""The memory planner against real models: exact parameter counts, and measured CPU peaks of a training step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from o1pruner.memory_plan import (
+    GIB,
+    ModelArch,
+    layer_activation_bytes,
+    plan_memory,
+    trainable_params,
+    weight_bytes,
+)
+
+SMALL = dict(
+    hidden_size=192, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, intermediate_size=448
+)
+
+
+@pytest.mark.parametrize("cls", [Qwen2Config, LlamaConfig])
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_matches_a_real_model(cls, tied):
+    cfg = cls(vocab_size=517, tie_word_embeddings=tied, **SMALL)
+    arch = ModelArch.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert arch.total_params == sum(p.numel() for p in model.parameters())
+    assert arch.head_params == (0 if tied else 517 * 192)
+    assert arch.kv_dim == 2 * 32
+
+
+def test_from_dict_equals_from_config():
+    d = {"model_type": "qwen2", "vocab_size": 300, **SMALL}
+    assert ModelArch.from_config(d) == ModelArch.from_config(Qwen2Config(vocab_size=300, **SMALL))
+
+
+def test_trainable_counts_match_peft_and_freeze():
+    import peft
+
+    cfg = Qwen2Config(vocab_size=300, **SMALL)
+    arch = ModelArch.from_config(cfg)
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_config(cfg), peft.LoraConfig(r=4, target_modules="all-linear")
+    )
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable_params(arch, "lora", 4, 0) == lora
+    base = AutoModelForCausalLM.from_config(cfg)
+    last = base.model.layers[-2:]
+    freeze = sum(p.numel() for p in last.parameters()) + base.model.norm.weight.numel()
+    assert trainable_params(arch, "freeze", 0, 2) == freeze
+    assert trainable_params(arch, "full", 0, 0) == arch.total_params
+
+
+def test_qlora_weight_bytes_match_bitsandbytes_footprint(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    cfg = Qwen2Config(vocab_size=512, **{**SMALL, "hidden_size": 256, "intermediate_size": 512})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["lm_head"],
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=q, dtype=torch.bfloat16, device_map={"": "cpu"}
+    )
+    measured = model.get_memory_footprint()
+    planned = weight_bytes(ModelArch.from_config(cfg), "qlora")["weights"]
+    assert planned == pytest.approx(measured, rel=0.15)
+
+
+_MEASURE = textwrap.dedent(
+    """
+    import gc, json, resource, sys
+    import psutil, torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    tokens, ckpt = int(sys.argv[1]), sys.argv[2] == "1"
+    cfg = Qwen2Config(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                      intermediate_size=1408, vocab_size=1000, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float().train()
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 1000, (1, tokens))
+    model.model(input_ids=ids[:, :16]).last_hidden_state.pow(2).mean().backward()  # parameter grads exist
+    gc.collect()
+    base = psutil.Process().memory_info().rss
+    model.model(input_ids=ids).last_hidden_state.pow(2).mean().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"extra": peak - base}))
+    """
+)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_estimate_matches_measured_cpu_peak(checkpointing):
+    """fp32 on the CPU (act_bytes 4), one causal sequence of 4096 tokens: the planned activation peak of a
+    micro-batch is within [0.7, 1.4] of the measured resident-memory rise of a real forward + backward."""
+    pytest.importorskip("psutil")
+    tokens = 4096
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(tokens), "1" if checkpointing else "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+    cfg = Qwen2Config(
+        hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=1408, vocab_size=1000,
+    )  # fmt: skip
+    arch = ModelArch.from_config(cfg)
+    layer = layer_activation_bytes(arch, tokens, 4.0)
+    if checkpointing:
+        planned = arch.num_layers * tokens * arch.hidden_size * 4.0 + 3 * layer
+    else:
+        planned = (arch.num_layers + 2) * layer
+    assert 0.7 <= measured / planned <= 1.4, (measured, planned)
+
+
+R1_7B = dict(
+    model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def test_plan_names_the_stage_the_budget_and_the_knob():
+    arch = ModelArch.from_config(R1_7B)
+    opts = {"mode": "qlora", "micro_batch_tokens": 8192, "sampling_backend": "hf", "sampling_batch_size": 64}
+    plan = plan_memory(arch, opts, 24)
+    assert [s.name for s in plan.failures()] == ["sample"]
+    msg = plan.error_message()
+    assert "'sample'" in msg and "24.0 GiB" in msg and "sampling_batch_size" in msg and "kv cache" in msg
+    small = plan_memory(arch, {**opts, "sampling_batch_size": 4}, 24)
+    assert small.fits(), small.table()
+    train = next(s for s in small.stages if s.name == "train")
+    assert 8 * GIB < train.peak < 16 * GIB  # 4-bit 7B + one 8k-token micro-batch
+
+
+def test_packed_sdpa_mask_grows_quadratically_and_flash_removes_it():
+    arch = ModelArch.from_config(R1_7B)
+
+    def attention(attn, tokens):
+        opts = {"mode": "qlora", "micro_batch_tokens": tokens, "attn_implementation": attn}
+        return next(s for s in plan_memory(arch, opts, 80).stages if s.name == "train").parts["attention"]
+
+    assert attention("sdpa", 32768) == pytest.approx(4 * attention("sdpa", 16384))
+    assert attention("flash_attention_2", 32768) == 0.0
+
+
+def test_vllm_stage_fits_its_share_and_quantization_fixes_it():
+    qwq = {**R1_7B, "hidden_size": 5120, "num_hidden_layers": 64, "num_attention_heads": 40,
+           "num_key_value_heads": 8, "intermediate_size": 27648}  # fmt: skip
+    arch = ModelArch.from_config(qwq)
+    opts = {
+        "mode": "qlora",
+        "sampling_backend": "vllm",
+        "gpu_memory_utilization": 0.8,
+        "max_new_tokens": 8192,
+    }
+    sample = lambda o: next(s for s in plan_memory(arch, o, 80).stages if s.name == "sample")
+    plan = plan_memory(arch, opts, 80)
+    assert "sample" in [s.name for s in plan.failures()]
+    assert "quantization" in plan.error_message()
+    assert sample({**opts, "quantization": "fp8"}).peak < 0.8 * 80 * GIB
