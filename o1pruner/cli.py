@@ -122,6 +122,7 @@ COMMAND_HELP = {
     "score": "score the samples: rewards and reference log-probs (writes scored.parquet)",
     "train": "off-policy PPO-clip training (writes checkpoints/, metrics.jsonl, model/)",
     "eval": "evaluate the base and the tuned model; write eval.json, metrics.json, report.md, plots",
+    "plan": "print each stage's planned peak GPU memory on the card (no weights loaded); exit 2 if one does not fit",
     "demo": f"the embedded toy demo on the CPU; flags override its settings (run directory {DEMO_OUTPUT_DIR})",
 }
 
@@ -169,6 +170,14 @@ def build_main_parser(prog: str = "o1pruner") -> argparse.ArgumentParser:
             epilog=_epilog(),
         )
         add_config_arguments(sp)
+        if command == "plan":
+            sp.add_argument(
+                "--gpu-memory-gb",
+                type=float,
+                default=None,
+                metavar="GIB",
+                help="Memory of the card to plan for, in GiB (default: the visible GPU's).",
+            )
     return parser
 
 
@@ -229,6 +238,14 @@ def run_command(command: str, args: argparse.Namespace) -> None:
     """Run one CLI command: ``demo``, ``run`` (every stage) or a single stage."""
     if command == "demo":
         run_toy_demo(args)
+        return
+    if command == "plan":
+        from o1pruner.memory_plan import plan_run
+
+        plan = plan_run(config_from_args(args).to_dict(), args.gpu_memory_gb)
+        print(plan.table())
+        if not plan.fits():
+            raise ConfigError(plan.error_message())
         return
     from o1pruner.pipeline import Pipeline
 

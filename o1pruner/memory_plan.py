@@ -203,7 +203,7 @@ def forward_peak_bytes(arch: ModelArch, tokens: int, act_bytes: float) -> float:
 
 def attention_extra_bytes(arch: ModelArch, tokens: int, attn: str, packed: bool) -> float:
     """What attention adds beyond its inputs and outputs: a dense mask or score matrix when there is one."""
-    if attn == "flash_attention_2" or not packed:
+    if attn not in ("sdpa", "eager") or not packed:  # flash-attn and per-sequence SDPA hold no mask
         return 0.0
     # The (1, 1, N, N) boolean block-diagonal mask and the additive bf16 copy SDPA turns it into.
     mask = 3.0 * tokens * tokens
@@ -236,7 +236,7 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
     )
     optimizer = _opt(options, "optimizer", "adamw")
     ckpt = bool(_opt(options, "gradient_checkpointing", True))
-    attn = _opt(options, "attn_implementation", "sdpa")
+    attn = _opt(options, "attn_implementation", "o1pruner_varlen_sdpa")
     layer = layer_activation_bytes(arch, tokens, act_bytes)
     parts = dict(weight_bytes(arch, mode, int(_opt(options, "freeze_last_n_layers", 0))))
     parts["gradients"] = n_train * 4.0
@@ -260,7 +260,7 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
         knob = "install flash-attn (per-sequence attention without an N x N mask) or lower micro_batch_tokens"
     state = ("weights", "gradients", "optimizer", "autocast cache")
     if sum(parts.get(k, 0.0) for k in state) > 0.6 * _total(parts):
-        knob = "mode qlora, or optimizer paged_adamw_8bit, or several GPUs (docs/multi-gpu.md)"
+        knob = "mode qlora, or optimizer paged_adamw_8bit, or a card with more memory"
     return StagePlan("train", parts, knob)
 
 
@@ -341,7 +341,58 @@ def plan_memory(
         scoring_stage(arch, options, act_bytes),
         training_stage(arch, options, act_bytes),
     ]
-    if options.get("eval_dataset") is not None or "eval_backend" in options:
+    if options.get("eval_dataset"):
         stages.append(generation_stage(arch, options, "eval", act_bytes, prompt_tokens))
     plan.stages = stages
     return plan
+
+
+def known_architectures() -> dict[str, dict[str, Any]]:
+    """Model id -> config.json values, for the models the shipped recipes name (no download needed)."""
+    from importlib.resources import files
+
+    import yaml
+
+    return yaml.safe_load((files("o1pruner") / "recipes" / "architectures.yaml").read_text(encoding="utf-8"))
+
+
+def architecture_for(model: str) -> ModelArch:
+    """The architecture of a recipe's model, a local folder, or a Hub id (reads only its config.json)."""
+    from o1pruner.options import ConfigError
+
+    known = known_architectures()
+    if model in known:
+        return ModelArch.from_config(known[model])
+    from transformers import AutoConfig
+
+    try:
+        return ModelArch.from_config(AutoConfig.from_pretrained(model))
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"model {model!r}: cannot read its config.json to plan memory: {first}", key="model"
+        )
+
+
+def visible_gpu_memory_gb() -> float | None:
+    """Total memory of the current CUDA device in GiB, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+
+
+def plan_run(options: Mapping[str, Any], gpu_memory_gb: float | None = None) -> MemoryPlan:
+    """The plan of a resolved run (flat option keys, e.g. ``PipelineConfig.to_dict()``) on a card of
+    ``gpu_memory_gb`` GiB (default: the visible GPU's memory)."""
+    from o1pruner.options import ConfigError
+
+    budget = gpu_memory_gb if gpu_memory_gb is not None else visible_gpu_memory_gb()
+    if budget is None:
+        raise ConfigError(
+            "no GPU is visible: give the card's memory with --gpu-memory-gb", key="gpu_memory_gb"
+        )
+    if not options.get("model"):
+        raise ConfigError("model is not set: pass --model or a --recipe", key="model")
+    return plan_memory(architecture_for(str(options["model"])), options, budget)

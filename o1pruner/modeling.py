@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+from o1pruner.attention import VARLEN_SDPA
+from o1pruner.attention import register as register_varlen_sdpa
+
 log = logging.getLogger(__name__)
 
 MODES = ("qlora", "lora", "full", "freeze", "none")
@@ -44,15 +47,28 @@ _DTYPES = {
 
 
 def default_attn_implementation() -> str:
-    """``flash_attention_2`` when flash-attn imports and CUDA is available, else ``sdpa``."""
+    """``flash_attention_2`` when flash-attn imports and CUDA is available, else per-sequence SDPA.
+
+    The fallback (:data:`o1pruner.attention.VARLEN_SDPA`) isolates packed sequences without an N x N mask.
+    The choice is logged once per process.
+    """
+    choice = VARLEN_SDPA
     if torch.cuda.is_available():
         try:
             import flash_attn  # noqa: F401
 
-            return "flash_attention_2"
+            choice = "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    if choice == VARLEN_SDPA:
+        register_varlen_sdpa()
+    if choice not in _ANNOUNCED:
+        _ANNOUNCED.add(choice)
+        log.info("attention: %s", choice)
+    return choice
+
+
+_ANNOUNCED: set[str] = set()
 
 
 def _resolve_dtype(torch_dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -116,6 +132,8 @@ def load_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _resolve_dtype(torch_dtype, device)
     attn = attn_implementation or default_attn_implementation()
+    if attn == VARLEN_SDPA:
+        register_varlen_sdpa()
 
     adapter_path = None
     base_path = name_or_path

@@ -33,7 +33,14 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
-_FLASH_IMPLS = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "paged_attention")
+# Implementations that isolate packed sequences from the varlen keyword arguments (cu_seq_lens_*).
+_FLASH_IMPLS = (
+    "flash_attention_2",
+    "flash_attention_3",
+    "kernels-community/flash-attn",
+    "paged_attention",
+    "o1pruner_varlen_sdpa",
+)
 
 
 @dataclass

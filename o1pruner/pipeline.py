@@ -240,6 +240,24 @@ class Pipeline:
         return self._eval_problems
 
     # ------------------------------------------------------------------ driver
+    def check_memory_plan(self, stages: Sequence[str]) -> None:
+        """On a GPU, refuse (ConfigError, exit 2) a run whose planned peak of a stage exceeds the card."""
+        from o1pruner.memory_plan import plan_run, visible_gpu_memory_gb
+
+        if visible_gpu_memory_gb() is None:
+            return
+        try:
+            plan = plan_run(self.cfg.to_dict())
+        except ConfigError as e:  # no config.json to read (e.g. offline): loading will say more
+            self.log(f"memory plan skipped: {e}")
+            return
+        plan.stages = [s for s in plan.stages if s.name in stages]
+        if not plan.fits():
+            raise ConfigError(
+                f"the run does not fit this GPU ({plan.budget / 2**30:.1f} GiB):\n{plan.error_message()}"
+            )
+        self.log("memory plan: every stage fits (o1pruner plan prints the details)")
+
     def run(self, stages: Sequence[str] = STAGES) -> dict[str, Any] | None:
         """Run ``stages`` (in pipeline order); returns the eval.json content when "eval" ran.
 
@@ -250,6 +268,7 @@ class Pipeline:
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
         self.prepare(self.preflight(stages))
+        self.check_memory_plan(stages)
         self.log(
             f"backends: sampling {self.cfg.sampling_backend}, evaluation {self.cfg.eval_backend} "
             "(vllm when it is installed, else hf, unless set)"

@@ -124,6 +124,6 @@ def test_no_quadratic_memory_at_4096_tokens():
     n = 4096
     ours = _extra_memory(n, VARLEN_SDPA)
     assert ours < n * n * 4, ours
-    assert ours < 2.5 * _extra_memory(n // 2, VARLEN_SDPA), ours
+    assert ours < 3.0 * _extra_memory(n // 2, VARLEN_SDPA), ours  # linear: 2x, quadratic: 4x
     dense = _extra_memory(n, "sdpa")
     assert dense - ours > n * n, (dense, ours)
