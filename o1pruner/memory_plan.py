@@ -371,7 +371,7 @@ def architecture_for(model: str) -> ModelArch:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(
             f"model {model!r}: cannot read its config.json to plan memory: {first}", key="model"
-        )
+        ) from None
 
 
 def visible_gpu_memory_gb() -> float | None:
