@@ -174,3 +174,61 @@ def test_vllm_stage_fits_its_share_and_quantization_fixes_it():
     assert "sample" in [s.name for s in plan.failures()]
     assert "quantization" in plan.error_message()
     assert sample({**opts, "quantization": "fp8"}).peak < 0.8 * 80 * GIB
+
+
+def test_plan_command_prints_every_stage_and_exits_2_when_one_does_not_fit():
+    from cli_runs import run_cli
+
+    ok = run_cli("plan", "--recipe", "r1-distill-qwen-7b", "--gpu-memory-gb", "24", timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    for stage in ("sample", "score", "train", "eval"):
+        assert f"\n{stage} " in ok.stdout
+    bad = run_cli(
+        "plan",
+        "--recipe",
+        "r1-distill-qwen-7b",
+        "--gpu-memory-gb",
+        "24",
+        "--eval-batch-size",
+        "64",
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert "'eval'" in bad.stderr and "eval_batch_size" in bad.stderr and "24.0 GiB" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("recipe", ["r1-distill-qwen-1.5b", "r1-distill-qwen-7b"])
+def test_one_gpu_recipes_fit_a_24_gb_card(recipe):
+    from importlib.resources import files
+
+    import yaml
+
+    from o1pruner.config import resolve_config
+    from o1pruner.memory_plan import plan_run
+
+    cfg = resolve_config(recipe=recipe)
+    assert (
+        yaml.safe_load((files("o1pruner") / "recipes" / f"{recipe}.yaml").read_text())["model"] == cfg.model
+    )
+    plan = plan_run(cfg.to_dict(), 24)
+    assert plan.fits(), plan.table()
+
+
+def test_a_run_that_does_not_fit_the_gpu_stops_before_loading(tmp_path, monkeypatch):
+    """On a (pretended) 0.5 GiB GPU the run refuses with the numbers; with no GPU the check is skipped."""
+    from helpers import make_tiny_model
+
+    from o1pruner import memory_plan
+    from o1pruner.config import resolve_config
+    from o1pruner.options import ConfigError
+    from o1pruner.pipeline import Pipeline
+
+    model = make_tiny_model(tmp_path / "m")
+    cfg = resolve_config(overrides={"model": str(model), "output_dir": str(tmp_path / "run")})
+    pipe = Pipeline(cfg)
+    pipe.check_memory_plan(["train"])  # no GPU here: nothing to check
+    monkeypatch.setattr(memory_plan, "visible_gpu_memory_gb", lambda: 0.5)
+    monkeypatch.setattr(pipe.models, "reference", lambda: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match=r"does not fit this GPU \(0\.5 GiB\)"):
+        pipe.check_memory_plan(["train"])
