@@ -34,6 +34,9 @@ from o1pruner.attention import VARLEN_SDPA
 from o1pruner.attention import register as register_varlen_sdpa
 
 log = logging.getLogger(__name__)
+# On AVX-512-BF16 CPUs bitsandbytes tries an optional kernel from the Hugging Face Hub at import and warns
+# when it cannot have it (offline, or the `kernels` package absent); its own CPU path is used either way.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 MODES = ("qlora", "lora", "full", "freeze", "none")
 _DTYPES = {
