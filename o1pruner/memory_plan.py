@@ -241,8 +241,9 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
     parts = dict(weight_bytes(arch, mode, int(_opt(options, "freeze_last_n_layers", 0))))
     parts["gradients"] = n_train * 4.0
     parts["optimizer"] = n_train * OPTIMIZER_STATE_BYTES.get(optimizer, 8.0)
-    if mode in ("full", "freeze") and bool(_opt(options, "autocast_weight_cache", True)):
-        parts["autocast cache"] = n_train * 2.0  # bf16 copies of fp32 weights, kept for the whole forward
+    # The trainer's autocast keeps no weight cache, so fp32 weights are cast per use: one layer's worth.
+    if mode in ("full", "freeze"):
+        parts["bf16 weight casts"] = (arch.layer_linear_params + arch.layer_other_params) * 2.0
     # Backward of a layer holds its saved tensors plus about twice as much in gradients in flight
     # (measured on the CPU: tests/test_memory_plan.py).
     if ckpt:
