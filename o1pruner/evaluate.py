@@ -21,7 +21,7 @@ from o1pruner.io import append_jsonl, read_jsonl
 from o1pruner.options import check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT
 from o1pruner.records import eval_record
-from o1pruner.sampling import BACKENDS, default_backend
+from o1pruner.sampling import backend_option
 
 
 @dataclass
@@ -58,13 +58,7 @@ class EvalConfig:
         key="eval_num_samples",
         range="[1,)",
     )
-    backend: str = option(
-        help="Generation backend for evaluation: hf or vllm (default: vllm when it is installed, else hf).",
-        stage="eval",
-        default_factory=default_backend,
-        key="eval_backend",
-        choices=BACKENDS,
-    )
+    backend: str = backend_option("evaluation", "eval", "eval_backend")
     batch_size: int = option(
         64, "Prompts per evaluation generate call.", stage=None, key="eval_batch_size", range="[1,)"
     )

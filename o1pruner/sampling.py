@@ -47,6 +47,17 @@ def default_backend() -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
+def backend_option(what: str, stage: str, key: str) -> Any:
+    """The generation-backend option of pre-sampling or evaluation (``what``), defaulting by machine."""
+    return option(
+        help=f"Generation backend for {what}: hf or vllm (default: vllm when it is installed, else hf).",
+        stage=stage,
+        default_factory=default_backend,
+        key=key,
+        choices=BACKENDS,
+    )
+
+
 @dataclass
 class SamplingConfig:
     """How pre-samples (and greedy evaluation answers, with ``temperature=0``, ``k=1``) are drawn.
@@ -65,13 +76,7 @@ class SamplingConfig:
     )
     top_p: float = option(0.8, "Top-p of the pre-sampling.", stage="sample", range="(0,1]")
     max_new_tokens: int = option(8192, "Maximum new tokens per pre-sample.", stage="sample", range="[1,)")
-    backend: str = option(
-        help="Generation backend for pre-sampling: hf or vllm (default: vllm when it is installed, else hf).",
-        stage="sample",
-        default_factory=default_backend,
-        key="sampling_backend",
-        choices=BACKENDS,
-    )
+    backend: str = backend_option("pre-sampling", "sample", "sampling_backend")
     batch_size: int = option(
         64,
         "Sequences per generate call (hf) / prompts per call (vllm).",
