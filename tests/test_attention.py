@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from o1pruner.attention import VARLEN_SDPA, register
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _model(cls, attn: str, seed: int = 0):
@@ -78,9 +81,10 @@ def test_dropout_is_refused():
 
 _MEASURE = textwrap.dedent(
     """
-    import json, resource, sys
-    import psutil, torch
+    import json, sys
+    import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
+    from benchmarks.common import measure_peak
     from o1pruner.attention import register
     from o1pruner.packing import block_causal_mask
     n, impl = int(sys.argv[1]), sys.argv[2]
@@ -97,10 +101,8 @@ _MEASURE = textwrap.dedent(
         kw = {"attention_mask": block_causal_mask(sid)}
     ids = torch.randint(0, 64, (1, n))
     model.model(input_ids=ids[:, :64], use_cache=False, position_ids=pos[:, :64]).last_hidden_state.sum()
-    base = psutil.Process().memory_info().rss
-    h = model.model(input_ids=ids, position_ids=pos, use_cache=False, **kw).last_hidden_state
-    h.sum().backward()
-    print(json.dumps({"extra": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+    step = lambda: model.model(input_ids=ids, position_ids=pos, use_cache=False, **kw).last_hidden_state.sum().backward()
+    print(json.dumps({"extra": measure_peak(step, torch.device("cpu"))[0]}))
     """
 )
 
@@ -120,7 +122,6 @@ def test_no_quadratic_memory_at_4096_tokens():
     """A forward + backward over one packed row of N = 4096 tokens (four sequences) raises resident memory by
     less than one N x N float32 matrix (64 MiB), grows linearly from N = 2048, and stays below the 4D-mask
     SDPA path it replaces by more than that path's boolean mask (N x N bytes)."""
-    pytest.importorskip("psutil")
     n = 4096
     ours = _extra_memory(n, VARLEN_SDPA)
     assert ours < n * n * 4, ours

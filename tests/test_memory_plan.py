@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,9 +82,10 @@ def test_qlora_weight_bytes_match_bitsandbytes_footprint(tmp_path):
 
 _MEASURE = textwrap.dedent(
     """
-    import gc, json, resource, sys
-    import psutil, torch
+    import json, sys
+    import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
+    from benchmarks.common import measure_peak
     tokens, ckpt = int(sys.argv[1]), sys.argv[2] == "1"
     cfg = Qwen2Config(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                       intermediate_size=1408, vocab_size=1000, attn_implementation="sdpa")
@@ -93,11 +95,8 @@ _MEASURE = textwrap.dedent(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, 1000, (1, tokens))
     model.model(input_ids=ids[:, :16]).last_hidden_state.pow(2).mean().backward()  # parameter grads exist
-    gc.collect()
-    base = psutil.Process().memory_info().rss
-    model.model(input_ids=ids).last_hidden_state.pow(2).mean().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"extra": peak - base}))
+    step = lambda: model.model(input_ids=ids).last_hidden_state.pow(2).mean().backward()
+    print(json.dumps({"extra": measure_peak(step, torch.device("cpu"))[0]}))
     """
 )
 
@@ -106,7 +105,6 @@ _MEASURE = textwrap.dedent(
 def test_activation_estimate_matches_measured_cpu_peak(checkpointing):
     """fp32 on the CPU (act_bytes 4), one causal sequence of 4096 tokens: the planned activation peak of a
     micro-batch is within [0.7, 1.4] of the measured resident-memory rise of a real forward + backward."""
-    pytest.importorskip("psutil")
     tokens = 4096
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE, str(tokens), "1" if checkpointing else "0"],
@@ -114,6 +112,7 @@ def test_activation_estimate_matches_measured_cpu_peak(checkpointing):
         text=True,
         timeout=300,
         check=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     measured = json.loads(out.stdout.strip().splitlines()[-1])["extra"]
     cfg = Qwen2Config(

@@ -44,9 +44,18 @@ def _trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_default_attention_on_cpu_is_sdpa():
-    if not torch.cuda.is_available():
-        assert default_attn_implementation() == "sdpa"
+def test_default_attention_without_flash_attn_is_per_sequence_sdpa(tiny_path):
+    """No N x N mask by default: without flash-attn (always on the CPU) packed rows use per-sequence SDPA."""
+    import importlib.util
+
+    from o1pruner.attention import VARLEN_SDPA
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        assert default_attn_implementation() == "flash_attention_2"
+    else:
+        assert default_attn_implementation() == VARLEN_SDPA
+        model, _ = _load(tiny_path, "lora")
+        assert model.config._attn_implementation == VARLEN_SDPA
 
 
 def test_full_and_none_modes(tiny_path):
