@@ -140,11 +140,17 @@ class Pipeline:
     def path(self, rel: str) -> Path:
         return self.run_dir / rel
 
-    def is_complete(self, stage: str, marker: str) -> bool:
-        """Whether ``stage``'s complete output ``marker`` exists (then the stage is skipped, and says so)."""
+    def is_complete(self, stage: str, marker: str, needs: tuple[str, str] | None = None) -> bool:
+        """Whether ``stage``'s complete output ``marker`` exists (then the stage is skipped, and says so).
+
+        ``needs``: ``(marker, producer)`` of the input the stage reads; when the stage is to run, it must
+        exist (DataError otherwise, see :meth:`require`).
+        """
         if self.path(marker).exists():
             self.log(f"{stage}: complete ({marker}), skipped")
             return True
+        if needs is not None:
+            self.require(*needs)
         return False
 
     def require(self, marker: str, producer: str) -> None:

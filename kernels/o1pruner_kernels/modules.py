@@ -46,6 +46,15 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+def _set_pass_options(module, temperature, ignore_index, backend, chunk_size, return_entropy) -> None:
+    """Check and store the options of the log-prob pass that both modules take."""
+    module.temperature = check_temperature(temperature)
+    module.ignore_index = check_ignore_index(ignore_index)
+    module.backend = _check_backend(backend)
+    module.chunk_size = chunk_size
+    module.return_entropy = bool(return_entropy)
+
+
 class LinearLogprobs(nn.Module):
     """``forward(hidden (..., H), weight (V, H), labels (...))`` -> float32 (...) log-probs (or
     ``(logps, entropy)`` with ``return_entropy=True``); see :func:`linear_logprobs`."""
@@ -60,11 +69,7 @@ class LinearLogprobs(nn.Module):
         return_entropy: bool = False,
     ) -> None:
         super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.ignore_index = check_ignore_index(ignore_index)
-        self.backend = _check_backend(backend)
-        self.chunk_size = chunk_size
-        self.return_entropy = bool(return_entropy)
+        _set_pass_options(self, temperature, ignore_index, backend, chunk_size, return_entropy)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
         return linear_logprobs(
@@ -96,11 +101,7 @@ class LinearPPOLoss(nn.Module):
         self.importance_level = importance_level
         self.clip_low, self.clip_high = float(clip_low), float(clip_high)
         self.reduction = reduction
-        self.temperature = check_temperature(temperature)
-        self.ignore_index = check_ignore_index(ignore_index)
-        self.backend = _check_backend(backend)
-        self.chunk_size = chunk_size
-        self.return_entropy = bool(return_entropy)
+        _set_pass_options(self, temperature, ignore_index, backend, chunk_size, return_entropy)
 
     def forward(
         self,

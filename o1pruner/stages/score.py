@@ -13,9 +13,8 @@ if TYPE_CHECKING:
 def run(p: Pipeline) -> None:
     """Write ``scored.parquet`` from the complete samples (skipped when it exists)."""
     out = p.path("scored.parquet")
-    if p.is_complete("score", "scored.parquet"):
+    if p.is_complete("score", "scored.parquet", needs=("samples.done.json", "sample")):
         return
-    p.require("samples.done.json", "sample")
     from o1pruner.scoring import build_training_set
 
     problems = p.train_problems()

@@ -13,9 +13,8 @@ if TYPE_CHECKING:
 def run(p: Pipeline) -> None:
     """Train the reference model on ``scored.parquet`` and save it to ``model/`` (skipped when done)."""
     model_dir = p.path("model")
-    if p.is_complete("train", "model/DONE"):
+    if p.is_complete("train", "model/DONE", needs=("scored.parquet", "score")):
         return
-    p.require("scored.parquet", "score")
     from o1pruner.modeling import save_model
     from o1pruner.train import Trainer
 
