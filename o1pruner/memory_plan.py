@@ -157,22 +157,28 @@ def _opt(options: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- the parts
-def weight_bytes(arch: ModelArch, mode: str, freeze_last_n_layers: int = 0) -> dict[str, float]:
+def weight_bytes(arch: ModelArch, mode: str, freeze_last_n_layers: int = 0) -> float:
     """Bytes of the model as the trainer holds it: frozen weights, fp32 trainable weights, adapters."""
     layer = arch.layer_linear_params + arch.layer_other_params
     outer = arch.embed_params + arch.head_params + arch.hidden_size
     if mode == "qlora":
         base = arch.num_layers * (arch.layer_linear_params * NF4_BYTES + arch.layer_other_params * 2.0)
-        return {"weights": base + outer * 2.0}
+        return base + outer * 2.0
     if mode in ("lora", "none"):
-        return {"weights": (arch.num_layers * layer + outer) * 2.0}
+        return (arch.num_layers * layer + outer) * 2.0
     if mode == "full":
-        return {"weights": arch.total_params * 4.0}
+        return arch.total_params * 4.0
     if mode == "freeze":
         n = min(freeze_last_n_layers, arch.num_layers)
         frozen = (arch.num_layers - n) * layer + arch.embed_params + arch.head_params
-        return {"weights": frozen * 2.0 + (n * layer + arch.hidden_size) * 4.0}
+        return frozen * 2.0 + (n * layer + arch.hidden_size) * 4.0
     raise ValueError(f"mode={mode!r}: expected qlora, lora, full, freeze or none")
+
+
+def _run_weights(arch: ModelArch, options: Mapping[str, Any]) -> dict[str, float]:
+    """The stage parts dict, started with the weights of the model in the run's mode."""
+    mode = _opt(options, "mode", "qlora")
+    return {"weights": weight_bytes(arch, mode, int(_opt(options, "freeze_last_n_layers", 0)))}
 
 
 def trainable_params(arch: ModelArch, mode: str, lora_r: int, freeze_last_n_layers: int) -> int:
@@ -238,7 +244,7 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
     ckpt = bool(_opt(options, "gradient_checkpointing", True))
     attn = _opt(options, "attn_implementation", "o1pruner_varlen_sdpa")
     layer = layer_activation_bytes(arch, tokens, act_bytes)
-    parts = dict(weight_bytes(arch, mode, int(_opt(options, "freeze_last_n_layers", 0))))
+    parts = _run_weights(arch, options)
     parts["gradients"] = n_train * 4.0
     parts["optimizer"] = n_train * OPTIMIZER_STATE_BYTES.get(optimizer, 8.0)
     # The trainer's autocast keeps no weight cache, so fp32 weights are cast per use: one layer's worth.
@@ -260,15 +266,14 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
     if parts["attention"] > parts.get("layer recompute", 0):
         knob = "install flash-attn (per-sequence attention without an N x N mask) or lower micro_batch_tokens"
     state = ("weights", "gradients", "optimizer", "autocast cache")
-    if sum(parts.get(k, 0.0) for k in state) > 0.6 * _total(parts):
+    if sum(parts.get(k, 0.0) for k in state) > 0.6 * sum(parts.values()):
         knob = "mode qlora, or optimizer paged_adamw_8bit, or a card with more memory"
     return StagePlan("train", parts, knob)
 
 
 def scoring_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float) -> StagePlan:
-    mode = _opt(options, "mode", "qlora")
     tokens = int(_opt(options, "score_batch_tokens", 16384))
-    parts = dict(weight_bytes(arch, mode, int(_opt(options, "freeze_last_n_layers", 0))))
+    parts = _run_weights(arch, options)
     parts["activations"] = forward_peak_bytes(arch, tokens, act_bytes)
     parts["loss"] = loss_bytes(arch, tokens, act_bytes, need_grad=False)
     _add_reserve(parts)
@@ -297,9 +302,7 @@ def generation_stage(
         )
         return StagePlan(name, parts, knob, share=util)
     batch = int(_opt(options, "sampling_batch_size" if name == "sample" else "eval_batch_size", 64))
-    parts = dict(
-        weight_bytes(arch, _opt(options, "mode", "qlora"), int(_opt(options, "freeze_last_n_layers", 0)))
-    )
+    parts = _run_weights(arch, options)
     parts["kv cache"] = kv_cache_bytes(arch, batch, seq, act_bytes)
     parts["kv cache growth"] = (
         kv_cache_bytes(arch, batch, seq, act_bytes) / arch.num_layers
@@ -315,10 +318,6 @@ def _add_reserve(parts: dict[str, float]) -> None:
     variable = sum(v for k, v in parts.items() if k not in ("weights", "gradients", "optimizer"))
     parts["allocator slack"] = (FRAGMENTATION - 1.0) * variable
     parts["cuda context"] = CUDA_RESERVE
-
-
-def _total(parts: Mapping[str, float]) -> float:
-    return sum(parts.values())
 
 
 def plan_memory(

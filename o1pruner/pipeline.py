@@ -250,10 +250,11 @@ class Pipeline:
         """On a GPU, refuse (ConfigError, exit 2) a run whose planned peak of a stage exceeds the card."""
         from o1pruner.memory_plan import plan_run, visible_gpu_memory_gb
 
-        if visible_gpu_memory_gb() is None:
+        budget = visible_gpu_memory_gb()
+        if budget is None:
             return
         try:
-            plan = plan_run(self.cfg.to_dict())
+            plan = plan_run(self.cfg.to_dict(), budget)
         except ConfigError as e:  # no config.json to read (e.g. offline): loading will say more
             self.log(f"memory plan skipped: {e}")
             return

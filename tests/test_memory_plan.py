@@ -76,7 +76,7 @@ def test_qlora_weight_bytes_match_bitsandbytes_footprint(tmp_path):
         tmp_path, quantization_config=q, dtype=torch.bfloat16, device_map={"": "cpu"}
     )
     measured = model.get_memory_footprint()
-    planned = weight_bytes(ModelArch.from_config(cfg), "qlora")["weights"]
+    planned = weight_bytes(ModelArch.from_config(cfg), "qlora")
     assert planned == pytest.approx(measured, rel=0.15)
 
 

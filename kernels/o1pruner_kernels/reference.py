@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def _log_softmax64(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float64 (..., V) ``log_softmax(hidden @ weight.T / T)`` on materialised logits."""
+    return torch.log_softmax(hidden.double() @ weight.double().t() / temperature, dim=-1)
+
+
 def reference_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -18,9 +23,12 @@ def reference_logprobs(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """float64 (...) ``log_softmax(hidden @ weight.T / T)[label]``, 0.0 where ``label == ignore_index``."""
-    logits = hidden.double() @ weight.double().t() / temperature
     valid = labels != ignore_index
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    lp = (
+        _log_softmax64(hidden, weight, temperature)
+        .gather(-1, torch.where(valid, labels, 0).unsqueeze(-1))
+        .squeeze(-1)
+    )
     return torch.where(valid, lp, torch.zeros_like(lp))
 
 
@@ -33,7 +41,7 @@ def reference_entropy(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """float64 (...) ``-sum_v p_v log p_v`` of ``softmax(hidden @ weight.T / T)``, 0.0 at ignored tokens."""
-    logp = torch.log_softmax(hidden.double() @ weight.double().t() / temperature, dim=-1)
+    logp = _log_softmax64(hidden, weight, temperature)
     ent = -(logp.exp() * logp).sum(-1)
     return torch.where(labels != ignore_index, ent, torch.zeros_like(ent))
 
