@@ -3,6 +3,9 @@
 Providers
   ours-triton    o1pruner.kernels, backend="triton" (fused Triton kernels)
   ours-torch     o1pruner.kernels, backend="torch" (chunked PyTorch)
+  ours-torch-rounded  the same with logits_dtype="input": the logits tile rounded to bf16/fp16 as a
+                 plain lm_head forward rounds them (bf16 GEMMs on CPUs); fp32 inputs: not run (the same
+                 as ours-torch)
   naive          materialised logits h @ W^T, log_softmax in float32, gather, PPO-clip loss (what TRL does)
   naive-compile  torch.compile of the naive path
   liger-grpo     Liger-Kernel's LigerFusedLinearGRPOLoss (loss_type "grpo", beta 0, no reference model);
@@ -63,7 +66,7 @@ HEADS: dict[str, tuple[int, int]] = {
     "32b": (5120, 152064),
 }
 QUICK_HEADS: dict[str, tuple[int, int]] = {"tiny": (64, 1003)}
-PROVIDERS = ("ours-triton", "ours-torch", "naive", "naive-compile", "liger-grpo", "cce")
+PROVIDERS = ("ours-triton", "ours-torch", "ours-torch-rounded", "naive", "naive-compile", "liger-grpo", "cce")
 MODES = ("logprobs-fwd", "loss-fwd-bwd")
 LEVELS = ("token", "sequence_geomean")
 IGNORE_INDEX = -100
@@ -211,14 +214,22 @@ def build_case(
             from o1pruner.kernels import linear_logprobs, linear_ppo_loss
         except ImportError as exc:
             raise Unavailable(f"o1pruner.kernels does not import: {exc}") from exc
-        backend = provider.removeprefix("ours-")
+        backend, _, variant = provider.removeprefix("ours-").partition("-")
+        logits_dtype = "input" if variant == "rounded" else "float32"
+        if variant == "rounded" and x.hidden.dtype == torch.float32:
+            raise Unavailable("float32 inputs: the same as ours-torch")
         if mode == "logprobs-fwd":
-            return _no_grad(lambda: linear_logprobs(x.hidden, x.weight, x.labels, backend=backend))
+            return _no_grad(
+                lambda: linear_logprobs(
+                    x.hidden, x.weight, x.labels, backend=backend, logits_dtype=logits_dtype
+                )
+            )
 
         def ours_loss():
             out = linear_ppo_loss(
                 x.hidden, x.weight, x.labels, x.old_logps, x.advantages, seq_ids=x.seq_ids,
                 importance_level=level, clip_low=CLIP, clip_high=CLIP, reduction="sequence_mean", backend=backend,
+                logits_dtype=logits_dtype,
             )  # fmt: skip
             out.loss.backward()
             return out.loss.detach()

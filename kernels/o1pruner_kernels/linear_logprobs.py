@@ -19,7 +19,14 @@ import operator
 
 import torch
 
-from ._common import IGNORE_INDEX, check_temperature, chunk_tokens, resolve_backend
+from ._common import (
+    IGNORE_INDEX,
+    ROW_BLOCK,
+    check_logits_dtype,
+    check_temperature,
+    chunk_tokens,
+    resolve_backend,
+)
 from .fused_logprobs import fused_logprobs
 from .gemm import addmm_f32, mm_f32
 from .logit_rows import logit_rows
@@ -42,16 +49,23 @@ def tile_chunks(
     need_grad: bool,
     want_entropy: bool = False,
     scale: torch.Tensor | None = None,
+    round_logits: bool = False,
 ):
     """Yield ``(start, end, logp_c, entropy_c, grad_c)`` per chunk of ``chunk`` tokens.
 
     h (N, H) contiguous; w (V, H) any strides; labels (N,) int64 contiguous; scale (N,) float32 or None.
     logp_c, entropy_c: (C,) float32 (entropy_c None unless ``want_entropy``); grad_c: (C, V) in h's dtype,
     ``scale * (onehot - softmax) / T``, when ``need_grad`` (else None). The buffers are reused: consume
-    grad_c before the next chunk.
+    grad_c before the next chunk. ``round_logits`` (``logits_dtype="input"``): the logits are formed in
+    h's dtype (bf16/fp16 GEMM) and upcast ROW_BLOCK rows at a time (see :func:`_rounded_tile_chunks`).
     """
     n, v = h.shape[0], w.shape[0]
     if n == 0:
+        return
+    if round_logits and h.dtype != torch.float32:
+        yield from _rounded_tile_chunks(
+            h, w, labels, inv_t, ignore_index, backend, chunk, need_grad, want_entropy, scale
+        )
         return
     c = min(chunk, n)
     x_buf = _empty(c, v, dtype=torch.float32, device=h.device)
@@ -63,8 +77,7 @@ def tile_chunks(
     if torch_entropy:
         reuse = g_buf is not None and g_buf.dtype == torch.float32
         scratch = g_buf if reuse else _empty(c, v, dtype=torch.float32, device=h.device)
-    for s in range(0, n, c):
-        e = min(s + c, n)
+    for s, e in _spans(n, c):
         x = mm_f32(h[s:e], w, x_buf[: e - s])
         g = g_buf[: e - s] if g_buf is not None else None
         logp_c, ent_c = logit_rows(
@@ -73,6 +86,42 @@ def tile_chunks(
             scratch[: e - s] if scratch is not None else None,
         )  # fmt: skip
         yield s, e, logp_c, ent_c, g
+
+
+def _spans(n: int, step: int):
+    """``(start, end)`` of consecutive spans of ``step`` over ``range(n)``."""
+    for s in range(0, n, step):
+        yield s, min(s + step, n)
+
+
+def _rounded_tile_chunks(h, w, labels, inv_t, ignore_index, backend, chunk, need_grad, want_entropy, scale):
+    """``tile_chunks`` with the C x V logits tile in h's dtype (a plain bf16/fp16 GEMM, the rounding of
+    an ``lm_head`` forward). The row pass runs on float32 copies of ROW_BLOCK rows; the gradient rows are
+    written back into the tile they were read from (already copied), which then serves as grad_c."""
+    n, v = h.shape[0], w.shape[0]
+    c = min(chunk, n)
+    z_buf = _empty(c, v, dtype=h.dtype, device=h.device)
+    rb = min(ROW_BLOCK, c)
+    x_buf = _empty(rb, v, dtype=torch.float32, device=h.device)
+    scratch = None
+    if want_entropy and backend != "triton":
+        scratch = _empty(rb, v, dtype=torch.float32, device=h.device)
+    for s, e in _spans(n, c):
+        z = torch.mm(h[s:e], w.t(), out=z_buf[: e - s])
+        logp_c = _empty(e - s, dtype=torch.float32, device=h.device)
+        ent_c = _empty(e - s, dtype=torch.float32, device=h.device) if want_entropy else None
+        for r0, r1 in _spans(e - s, rb):
+            x = x_buf[: r1 - r0].copy_(z[r0:r1])
+            lp, en = logit_rows(
+                backend, x, labels[s + r0 : s + r1], inv_t, ignore_index,
+                z[r0:r1] if need_grad else None,
+                scale[s + r0 : s + r1] if scale is not None else None, want_entropy,
+                scratch[: r1 - r0] if scratch is not None else None,
+            )  # fmt: skip
+            logp_c[r0:r1] = lp
+            if want_entropy:
+                ent_c[r0:r1] = en
+        yield s, e, logp_c, ent_c, z if need_grad else None
 
 
 def _forward_chunks(
@@ -85,14 +134,16 @@ def _forward_chunks(
     chunk: int,
     need_d: bool,
     want_entropy: bool = False,
+    round_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """logp (N,) float32, entropy (N,) float32 or None, and (when ``need_d``) D = d logp / d h (N, H)."""
     logp = _empty(h.shape[0], dtype=torch.float32, device=h.device)
     ent = _empty(h.shape[0], dtype=torch.float32, device=h.device) if want_entropy else None
     d = _empty(*h.shape, dtype=h.dtype, device=h.device) if need_d else None
     chunks = tile_chunks(
-        h, w, labels, inv_t, ignore_index, backend, chunk, need_grad=need_d, want_entropy=want_entropy
-    )
+        h, w, labels, inv_t, ignore_index, backend, chunk, need_grad=need_d, want_entropy=want_entropy,
+        round_logits=round_logits,
+    )  # fmt: skip
     for s, e, logp_c, ent_c, g in chunks:
         logp[s:e] = logp_c
         if want_entropy:
@@ -111,11 +162,15 @@ def _weight_grad(
     ignore_index: int,
     backend: str,
     chunk: int,
+    round_logits: bool = False,
 ) -> torch.Tensor:
     """sum_t g_t * d logp_t / d W, recomputing the logits per chunk; float32 accumulation."""
     gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     scale = g.contiguous()
-    chunks = tile_chunks(h, w, labels, inv_t, ignore_index, backend, chunk, need_grad=True, scale=scale)
+    chunks = tile_chunks(
+        h, w, labels, inv_t, ignore_index, backend, chunk, need_grad=True, scale=scale,
+        round_logits=round_logits,
+    )  # fmt: skip
     for s, e, _, _, gz in chunks:
         addmm_f32(gw, gz, h[s:e])
     return gw.to(w.dtype)
@@ -123,12 +178,12 @@ def _weight_grad(
 
 class _LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, labels, inv_t, ignore_index, backend, chunk, want_entropy):
+    def forward(ctx, h, w, labels, inv_t, ignore_index, backend, chunk, want_entropy, round_logits):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         logp, ent, d = _forward_chunks(
-            h, w, labels, inv_t, ignore_index, backend, chunk, need_h, want_entropy
+            h, w, labels, inv_t, ignore_index, backend, chunk, need_h, want_entropy, round_logits
         )
-        ctx.meta = (inv_t, ignore_index, backend, chunk)
+        ctx.meta = (inv_t, ignore_index, backend, chunk, round_logits)
         ctx.save_for_backward(d, h if need_w else None, w if need_w else None, labels if need_w else None)
         ent = ent if ent is not None else logp.new_zeros(0)
         ctx.mark_non_differentiable(ent)
@@ -137,7 +192,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, _grad_ent):
-        inv_t, ignore_index, backend, chunk = ctx.meta
+        inv_t, ignore_index, backend, chunk, round_logits = ctx.meta
         d, h, w, labels = ctx.saved_tensors
         g = grad_logp.float()
         grad_h = grad_w = None
@@ -147,8 +202,8 @@ class _LinearLogprobsFunction(torch.autograd.Function):
             else:
                 grad_h = (d.float() * g.unsqueeze(1)).to(d.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(h, w, labels, g, inv_t, ignore_index, backend, chunk)
-        return grad_h, grad_w, None, None, None, None, None, None
+            grad_w = _weight_grad(h, w, labels, g, inv_t, ignore_index, backend, chunk, round_logits)
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def _shape(x) -> object:
@@ -239,26 +294,29 @@ def flat_logprobs(
     backend: str,
     chunk_size: int | None = None,
     want_entropy: bool = False,
+    round_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp (N,) float32 differentiable, entropy (N,) float32 detached or None) for checked flat inputs.
 
     Ignored tokens are skipped entirely (no FLOPs); their log-prob and entropy are exactly 0.0.
+    ``round_logits``: the logits are rounded to h's dtype (``logits_dtype="input"``).
     """
     n = h.shape[0]
     h, labels, idx = select_valid(h, labels, w.shape[0], ignore_index)
     chunk = chunk_tokens(h.shape[0], w.shape[0], h.device, chunk_size)
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
         logp, ent = _LinearLogprobsFunction.apply(
-            h, w, labels, inv_t, ignore_index, backend, chunk, want_entropy
+            h, w, labels, inv_t, ignore_index, backend, chunk, want_entropy, round_logits
         )
     else:
         with torch.no_grad():
-            if backend == "triton" and h.device.type == "cuda" and not want_entropy:
+            fused = backend == "triton" and h.device.type == "cuda"
+            if fused and not want_entropy and not (round_logits and h.dtype != torch.float32):
                 # Scoring: one fused GEMM with an online-logsumexp epilogue, no logits tile.
                 logp, ent = fused_logprobs(h, w, labels, inv_t, ignore_index), None
             else:
                 logp, ent, _ = _forward_chunks(
-                    h, w, labels, inv_t, ignore_index, backend, chunk, False, want_entropy
+                    h, w, labels, inv_t, ignore_index, backend, chunk, False, want_entropy, round_logits
                 )
     ent = scatter_valid(ent, n, idx) if want_entropy else None
     return scatter_valid(logp, n, idx), ent
@@ -274,6 +332,7 @@ def linear_logprobs(
     backend: str = "auto",
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    logits_dtype: str = "float32",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log_softmax(hidden @ weight.T / temperature)[label]`` without materialising the logits.
 
@@ -285,9 +344,14 @@ def linear_logprobs(
             already be aligned with ``hidden`` (see :func:`o1pruner_kernels.shift_labels`).
         temperature: > 0, divides the logits.
         backend: "auto" (Triton on CUDA, torch elsewhere), "torch", or "triton".
-        chunk_size: tokens per chunk (default: a ~256 MiB float32 tile on a GPU, 512 tokens on a CPU;
+        chunk_size: tokens per chunk (default: a ~256 MiB float32 tile on a GPU, 256 tokens on a CPU;
             or the environment variable O1PRUNER_KERNEL_CHUNK_TOKENS).
         return_entropy: also return the per-token entropy of the softmax.
+        logits_dtype: "float32" (default): the logits are float32 whatever the input dtype (fp32-output
+            GEMMs; exact to ~1e-6). "input": the logits are rounded to the input dtype, as a plain bf16
+            ``lm_head`` forward rounds them (log-prob error ~1e-2 nats in bf16), for bf16 GEMMs where
+            the device has no fp32-output form (CPUs); the log-softmax is still computed in float32.
+            Scoring and training must use the same value for the importance ratio to start at 1.
 
     Returns:
         float32 (...) log-probs, exactly 0.0 where ``labels == ignore_index``; differentiable with respect
@@ -299,7 +363,10 @@ def linear_logprobs(
     h, w, y, inv_t = prepare_inputs(hidden, weight, labels, temperature)
     be = resolve_backend(backend, h.device)
     ii = check_ignore_index(ignore_index)
-    logp, ent = flat_logprobs(h, w, y, inv_t, ii, be, chunk_size, want_entropy=bool(return_entropy))
+    rl = check_logits_dtype(logits_dtype)
+    logp, ent = flat_logprobs(
+        h, w, y, inv_t, ii, be, chunk_size, want_entropy=bool(return_entropy), round_logits=rl
+    )
     if return_entropy:
         return logp.reshape(labels.shape), ent.reshape(labels.shape)
     return logp.reshape(labels.shape)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import BACKENDS, IGNORE_INDEX, check_temperature
+from ._common import BACKENDS, IGNORE_INDEX, check_logits_dtype, check_temperature
 from .linear_logprobs import check_ignore_index, linear_logprobs
 from .ppo_loss import PPOLossOutput, _check_options, linear_ppo_loss
 
@@ -46,13 +46,24 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def _set_pass_options(module, temperature, ignore_index, backend, chunk_size, return_entropy) -> None:
+_PASS_OPTIONS = ("temperature", "ignore_index", "backend", "chunk_size", "return_entropy", "logits_dtype")
+
+
+def _set_pass_options(
+    module, temperature, ignore_index, backend, chunk_size, return_entropy, logits_dtype
+) -> None:
     """Check and store the options of the log-prob pass that both modules take."""
     module.temperature = check_temperature(temperature)
     module.ignore_index = check_ignore_index(ignore_index)
     module.backend = _check_backend(backend)
     module.chunk_size = chunk_size
     module.return_entropy = bool(return_entropy)
+    check_logits_dtype(logits_dtype)
+    module.logits_dtype = logits_dtype
+
+
+def _pass_options(module) -> dict:
+    return {k: getattr(module, k) for k in _PASS_OPTIONS}
 
 
 class LinearLogprobs(nn.Module):
@@ -67,15 +78,13 @@ class LinearLogprobs(nn.Module):
         backend: str = "auto",
         chunk_size: int | None = None,
         return_entropy: bool = False,
+        logits_dtype: str = "float32",
     ) -> None:
         super().__init__()
-        _set_pass_options(self, temperature, ignore_index, backend, chunk_size, return_entropy)
+        _set_pass_options(self, temperature, ignore_index, backend, chunk_size, return_entropy, logits_dtype)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-        return linear_logprobs(
-            hidden, weight, labels, temperature=self.temperature, ignore_index=self.ignore_index,
-            backend=self.backend, chunk_size=self.chunk_size, return_entropy=self.return_entropy,
-        )  # fmt: skip
+        return linear_logprobs(hidden, weight, labels, **_pass_options(self))
 
 
 class LinearPPOLoss(nn.Module):
@@ -95,13 +104,14 @@ class LinearPPOLoss(nn.Module):
         backend: str = "auto",
         chunk_size: int | None = None,
         return_entropy: bool = False,
+        logits_dtype: str = "float32",
     ) -> None:
         super().__init__()
         _check_options(importance_level, reduction, clip_low, clip_high)
         self.importance_level = importance_level
         self.clip_low, self.clip_high = float(clip_low), float(clip_high)
         self.reduction = reduction
-        _set_pass_options(self, temperature, ignore_index, backend, chunk_size, return_entropy)
+        _set_pass_options(self, temperature, ignore_index, backend, chunk_size, return_entropy, logits_dtype)
 
     def forward(
         self,
@@ -115,8 +125,7 @@ class LinearPPOLoss(nn.Module):
         return linear_ppo_loss(
             hidden, weight, labels, old_logps, advantages, seq_ids=seq_ids,
             importance_level=self.importance_level, clip_low=self.clip_low, clip_high=self.clip_high,
-            reduction=self.reduction, temperature=self.temperature, ignore_index=self.ignore_index,
-            backend=self.backend, chunk_size=self.chunk_size, return_entropy=self.return_entropy,
+            reduction=self.reduction, **_pass_options(self),
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import HAS_TRITON, IGNORE_INDEX, chunk_tokens, device_guard, resolve_backend
+from ._common import (
+    HAS_TRITON,
+    IGNORE_INDEX,
+    check_logits_dtype,
+    chunk_tokens,
+    device_guard,
+    resolve_backend,
+)
 from .linear_logprobs import check_ignore_index, flat_logprobs, prepare_inputs
 from .ppo_terms import EXP_CLAMP, clip_objective_torch
 from .ppo_terms import mean_ratio as mean_ratio_of
@@ -391,6 +398,7 @@ def linear_ppo_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    logits_dtype: str = "float32",
 ) -> PPOLossOutput:
     """PPO-clip loss of the lm_head log-probs, without materialising the logits (contract: docs/method.md).
 
@@ -411,6 +419,8 @@ def linear_ppo_loss(
         clip_low, clip_high: the clip range [1 - clip_low, 1 + clip_high]. temperature: > 0.
         backend: "auto" | "torch" | "triton". chunk_size: tokens per chunk (see ``linear_logprobs``).
         return_entropy: fill ``PPOLossOutput.entropy`` with the per-token entropy (same row pass).
+        logits_dtype: "float32" (exact logits, default) or "input" (rounded to the input dtype; see
+            ``linear_logprobs``).
 
     Returns:
         :class:`PPOLossOutput`. With no valid token at all the loss is 0.0 (with zero gradient),
@@ -420,6 +430,7 @@ def linear_ppo_loss(
     h, w, y, inv_t = prepare_inputs(hidden, weight, labels, temperature)
     be = resolve_backend(backend, h.device)
     ii = check_ignore_index(ignore_index)
+    rl = check_logits_dtype(logits_dtype)
     old = _per_token(old_logps, "old_logps", labels)
     adv = _per_token(advantages, "advantages", labels)
     valid = y != ii
@@ -431,10 +442,10 @@ def linear_ppo_loss(
         loss, logp, ent, clip_fraction, mean_ratio = fused_token_ppo_loss(
             h, w, y, old, adv, sid, num_seqs, reduction=reduction, clip_low=clip_low, clip_high=clip_high,
             inv_t=inv_t, ignore_index=ii, backend=be, want_entropy=want_ent,
-            chunk=chunk_tokens(int(valid.sum()), w.shape[0], h.device, chunk_size),
+            chunk=chunk_tokens(int(valid.sum()), w.shape[0], h.device, chunk_size), round_logits=rl,
         )  # fmt: skip
     else:
-        logp, ent = flat_logprobs(h, w, y, inv_t, ii, be, chunk_size, want_entropy=want_ent)
+        logp, ent = flat_logprobs(h, w, y, inv_t, ii, be, chunk_size, want_entropy=want_ent, round_logits=rl)
         loss, clip_fraction, mean_ratio = ppo_clip_loss(
             logp, old, adv, valid, sid, num_seqs, importance_level=importance_level, clip_low=clip_low,
             clip_high=clip_high, reduction=reduction, backend=be,

@@ -30,7 +30,9 @@ def _scaled(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 class _FusedTokenPPOFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, labels, old, adv, wtok, inv_t, ignore_index, backend, chunk, clips, want_ent):
+    def forward(
+        ctx, h, w, labels, old, adv, wtok, inv_t, ignore_index, backend, chunk, clips, want_ent, round_logits
+    ):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         m = h.shape[0]
         logp = _empty(m, dtype=torch.float32, device=h.device)
@@ -40,8 +42,9 @@ class _FusedTokenPPOFunction(torch.autograd.Function):
         gh = _empty(*h.shape, dtype=h.dtype, device=h.device) if need_h else None
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         chunks = tile_chunks(
-            h, w, labels, inv_t, ignore_index, backend, chunk, need_grad=True, want_entropy=want_ent
-        )
+            h, w, labels, inv_t, ignore_index, backend, chunk, need_grad=True, want_entropy=want_ent,
+            round_logits=round_logits,
+        )  # fmt: skip
         for s, e, logp_c, ent_c, g in chunks:
             logp[s:e] = logp_c
             if want_ent:
@@ -66,7 +69,7 @@ class _FusedTokenPPOFunction(torch.autograd.Function):
         g = grad_loss.float()
         grad_h = None if gh is None else (gh * g).to(gh.dtype)
         grad_w = None if gw is None else (gw * g).to(ctx.w_dtype)
-        return grad_h, grad_w, *([None] * 10)
+        return grad_h, grad_w, *([None] * 11)
 
 
 def fused_token_ppo_loss(
@@ -86,6 +89,7 @@ def fused_token_ppo_loss(
     backend: str,
     chunk: int,
     want_entropy: bool,
+    round_logits: bool = False,
 ):
     """Token-level loss on checked flat inputs (h (N, H), w (V, H), labels/old/adv/sid (N,)).
 
@@ -105,7 +109,7 @@ def fused_token_ppo_loss(
         wtok = torch.full_like(old_v, 1.0 / max(num_valid, 1.0))
     loss, logp_v, ent_v, clipped = _FusedTokenPPOFunction.apply(
         hv, w, yv, old_v, adv_v, wtok, inv_t, ignore_index, backend, chunk,
-        (float(clip_low), float(clip_high)), want_entropy,
+        (float(clip_low), float(clip_high)), want_entropy, round_logits,
     )  # fmt: skip
     ssum = torch.zeros_like(counts).index_add_(0, sid_v, logp_v - old_v)
     clip_fraction = clipped.float().sum() / max(num_valid, 1.0)

@@ -9,9 +9,18 @@ from __future__ import annotations
 import torch
 
 
-def _log_softmax64(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """float64 (..., V) ``log_softmax(hidden @ weight.T / T)`` on materialised logits."""
-    return torch.log_softmax(hidden.double() @ weight.double().t() / temperature, dim=-1)
+def _log_softmax64(
+    hidden: torch.Tensor, weight: torch.Tensor, temperature: float, round_to: torch.dtype | None = None
+) -> torch.Tensor:
+    """float64 (..., V) ``log_softmax(hidden @ weight.T / T)`` on materialised logits.
+
+    ``round_to``: the logits are rounded to this dtype first (the contract of ``logits_dtype="input"``),
+    with the rounding's derivative taken as 1 (straight through), as the kernels' backward does.
+    """
+    z = hidden.double() @ weight.double().t()
+    if round_to is not None:
+        z = z + (z.detach().to(round_to).double() - z.detach())
+    return torch.log_softmax(z / temperature, dim=-1)
 
 
 def reference_logprobs(
@@ -21,11 +30,14 @@ def reference_logprobs(
     *,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    round_to: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """float64 (...) ``log_softmax(hidden @ weight.T / T)[label]``, 0.0 where ``label == ignore_index``."""
+    """float64 (...) ``log_softmax(hidden @ weight.T / T)[label]``, 0.0 where ``label == ignore_index``.
+
+    ``round_to``: round the logits to this dtype first (see ``_log_softmax64``)."""
     valid = labels != ignore_index
     lp = (
-        _log_softmax64(hidden, weight, temperature)
+        _log_softmax64(hidden, weight, temperature, round_to)
         .gather(-1, torch.where(valid, labels, 0).unsqueeze(-1))
         .squeeze(-1)
     )
@@ -39,9 +51,10 @@ def reference_entropy(
     *,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    round_to: torch.dtype | None = None,
 ) -> torch.Tensor:
     """float64 (...) ``-sum_v p_v log p_v`` of ``softmax(hidden @ weight.T / T)``, 0.0 at ignored tokens."""
-    logp = _log_softmax64(hidden, weight, temperature)
+    logp = _log_softmax64(hidden, weight, temperature, round_to)
     ent = -(logp.exp() * logp).sum(-1)
     return torch.where(labels != ignore_index, ent, torch.zeros_like(ent))
 
@@ -67,13 +80,16 @@ def reference_ppo_loss(
     reduction: str = "sequence_mean",
     temperature: float = 1.0,
     ignore_index: int = -100,
+    round_to: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Float64 loss, logps, clip_fraction, mean_ratio of ``linear_ppo_loss`` by a per-sequence Python loop.
 
     Sequences: ``seq_ids`` when given, else the rows of a (B, T, H) ``hidden``, else one sequence.
     Raises ValueError when the advantage varies within a sequence at the sequence levels.
     """
-    logps = reference_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
+    logps = reference_logprobs(
+        hidden, weight, labels, temperature=temperature, ignore_index=ignore_index, round_to=round_to
+    )
     flat_lp = logps.reshape(-1)
     y = labels.reshape(-1)
     old = old_logps.reshape(-1).double()
