@@ -176,7 +176,7 @@ def build_main_parser(prog: str = "o1pruner") -> argparse.ArgumentParser:
                 type=float,
                 default=None,
                 metavar="GIB",
-                help="Memory of the card to plan for, in GiB (default: the visible GPU's).",
+                help="Memory of the card to plan for, in GiB (default: the run's --card, else the visible GPU's).",
             )
     return parser
 

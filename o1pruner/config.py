@@ -95,9 +95,26 @@ class RunConfig:
 
     output_dir: str = option("runs/o1pruner", "Run directory: every stage's outputs, resumable.", stage=None)
     seed: int = option(0, "Random seed (sampling, sample selection, training order).", stage="sample")
+    card: str | None = option(
+        None,
+        "GPU card the run is planned for: a name in o1pruner/recipes/cards.yaml (24gb, 48gb, 80gb); "
+        "o1pruner plan uses its usable memory when no GPU is visible and --gpu-memory-gb is not given.",
+        stage=None,
+    )
+    num_gpus: int = option(
+        1,
+        "GPUs the run is planned for; the plan divides the trained state (trainable weights, gradients, "
+        "optimizer states: FSDP) by it and reports per-GPU peaks.",
+        stage=None,
+        range="[1,)",
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.card is not None:
+            from o1pruner.memory_plan import card_memory_gb
+
+            card_memory_gb(self.card)  # an unknown card name fails here, naming the known ones
 
 
 @dataclass
@@ -438,15 +455,23 @@ def _normalise_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- files
+# Data files of the recipes folder that are not recipes (read by o1pruner.memory_plan).
+RECIPE_DATA_FILES = ("architectures.yaml", "cards.yaml")
+
+
 def recipe_names() -> list[str]:
     folder = resources.files("o1pruner") / "recipes"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in folder.iterdir()
+        if p.name.endswith(".yaml") and p.name not in RECIPE_DATA_FILES
+    )
 
 
 def load_recipe(name: str) -> dict[str, Any]:
     """Raw values of the packaged recipe ``o1pruner/recipes/NAME.yaml``."""
     resource = resources.files("o1pruner") / "recipes" / f"{name}.yaml"
-    if not resource.is_file():
+    if not resource.is_file() or f"{name}.yaml" in RECIPE_DATA_FILES:
         names = recipe_names()
         raise ConfigError(f"unknown recipe '{name}'{suggest(name, names)}; available: {', '.join(names)}")
     return _parse_yaml(resource.read_text(encoding="utf-8"), f"recipe '{name}'")

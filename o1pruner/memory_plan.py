@@ -118,6 +118,8 @@ class MemoryPlan:
 
     budget: float
     stages: list[StagePlan] = field(default_factory=list)
+    num_gpus: int = 1  # peaks are per GPU
+    card: str | None = None  # the card name the budget came from, if any
 
     def failures(self) -> list[StagePlan]:
         return [s for s in self.stages if s.peak > s.limit(self.budget)]
@@ -133,13 +135,15 @@ class MemoryPlan:
             fits = "yes" if s.peak <= s.limit(self.budget) else "NO"
             share = "" if s.share is None else f" [within vLLM's {s.share:.0%} share]"
             rows.append(f"{s.name:<10} {s.peak / GIB:>9.2f}  {fits:<4}  {parts}{share}")
-        rows.append(f"budget: {self.budget / GIB:.1f} GiB")
+        card = f" (card {self.card})" if self.card else ""
+        per = f", peaks per GPU of {self.num_gpus} GPUs" if self.num_gpus > 1 else ""
+        rows.append(f"budget: {self.budget / GIB:.1f} GiB{card}{per}")
         return "\n".join(rows)
 
     def error_message(self) -> str:
         """One line per stage that does not fit: estimate, budget and the knob that fixes it."""
         return "\n".join(
-            f"stage {s.name!r} needs ~{s.peak / GIB:.1f} GiB, over its {s.limit(self.budget) / GIB:.1f} GiB "
+            f"stage {s.name!r} needs ~{s.peak / GIB:.1f} GiB{' per GPU' if self.num_gpus > 1 else ''}, over its {s.limit(self.budget) / GIB:.1f} GiB "
             f"({'vLLM share of the card' if s.share else 'the card'}) "
             f"(largest parts: {_largest(s.parts)}); to fit: {s.knob}"
             for s in self.failures()
@@ -175,10 +179,23 @@ def weight_bytes(arch: ModelArch, mode: str, freeze_last_n_layers: int = 0) -> f
     raise ValueError(f"mode={mode!r}: expected qlora, lora, full, freeze or none")
 
 
+def _num_gpus(options: Mapping[str, Any]) -> int:
+    return max(1, int(_opt(options, "num_gpus", 1)))
+
+
 def _run_weights(arch: ModelArch, options: Mapping[str, Any]) -> dict[str, float]:
-    """The stage parts dict, started with the weights of the model in the run's mode."""
+    """The stage parts dict, started with one GPU's weights of the model in the run's mode.
+
+    With ``num_gpus`` > 1 the float32 trainable weights of full/freeze are sharded across the GPUs (FSDP);
+    frozen 16-bit and 4-bit weights are counted whole on every GPU (the simple, safe side).
+    """
     mode = _opt(options, "mode", "qlora")
-    return {"weights": weight_bytes(arch, mode, int(_opt(options, "freeze_last_n_layers", 0)))}
+    n_freeze = int(_opt(options, "freeze_last_n_layers", 0))
+    weights = weight_bytes(arch, mode, n_freeze)
+    if mode in ("full", "freeze"):
+        trained = trainable_params(arch, mode, 0, n_freeze) * 4.0
+        weights -= trained * (1.0 - 1.0 / _num_gpus(options))
+    return {"weights": weights}
 
 
 def trainable_params(arch: ModelArch, mode: str, lora_r: int, freeze_last_n_layers: int) -> int:
@@ -244,12 +261,16 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
     ckpt = bool(_opt(options, "gradient_checkpointing", True))
     attn = _opt(options, "attn_implementation", "o1pruner_varlen_sdpa")
     layer = layer_activation_bytes(arch, tokens, act_bytes)
+    gpus = _num_gpus(options)
     parts = _run_weights(arch, options)
-    parts["gradients"] = n_train * 4.0
-    parts["optimizer"] = n_train * OPTIMIZER_STATE_BYTES.get(optimizer, 8.0)
+    parts["gradients"] = n_train * 4.0 / gpus
+    parts["optimizer"] = n_train * OPTIMIZER_STATE_BYTES.get(optimizer, 8.0) / gpus
     # The trainer's autocast keeps no weight cache, so fp32 weights are cast per use: one layer's worth.
     if mode in ("full", "freeze"):
-        parts["bf16 weight casts"] = (arch.layer_linear_params + arch.layer_other_params) * 2.0
+        layer_params = arch.layer_linear_params + arch.layer_other_params
+        parts["bf16 weight casts"] = layer_params * 2.0
+        if gpus > 1:  # FSDP all-gathers the layer it runs and prefetches the next, in fp32
+            parts["gathered layers"] = 2 * layer_params * 4.0
     # Backward of a layer holds its saved tensors plus about twice as much in gradients in flight
     # (measured on the CPU: tests/test_memory_plan.py).
     if ckpt:
@@ -265,9 +286,12 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
     knob = "lower micro_batch_tokens" if ckpt else "set gradient_checkpointing: true"
     if parts["attention"] > parts.get("layer recompute", 0):
         knob = "install flash-attn (per-sequence attention without an N x N mask) or lower micro_batch_tokens"
-    state = ("weights", "gradients", "optimizer", "autocast cache")
+    state = ("weights", "gradients", "optimizer")
     if sum(parts.get(k, 0.0) for k in state) > 0.6 * sum(parts.values()):
-        knob = "mode qlora, or optimizer paged_adamw_8bit, or a card with more memory"
+        eight_bit = (
+            "" if OPTIMIZER_STATE_BYTES.get(optimizer, 8.0) <= 2.0 else "optimizer paged_adamw_8bit, or "
+        )
+        knob = f"mode qlora, or {eight_bit}more GPUs (num_gpus), or a card with more memory"
     return StagePlan("train", parts, knob)
 
 
@@ -335,7 +359,7 @@ def plan_memory(
     longest sequence.
     """
     budget = gpu_memory_gb * GIB
-    plan = MemoryPlan(budget=budget)
+    plan = MemoryPlan(budget=budget, num_gpus=_num_gpus(options))
     stages = [
         generation_stage(arch, options, "sample", act_bytes, prompt_tokens),
         scoring_stage(arch, options, act_bytes),
@@ -383,16 +407,42 @@ def visible_gpu_memory_gb() -> float | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
 
 
-def plan_run(options: Mapping[str, Any], gpu_memory_gb: float | None = None) -> MemoryPlan:
-    """The plan of a resolved run (flat option keys, e.g. ``PipelineConfig.to_dict()``) on a card of
-    ``gpu_memory_gb`` GiB (default: the visible GPU's memory)."""
+def known_cards() -> dict[str, dict[str, Any]]:
+    """Card name -> ``{usable_gib, examples}`` (``o1pruner/recipes/cards.yaml``)."""
+    from importlib.resources import files
+
+    import yaml
+
+    return yaml.safe_load((files("o1pruner") / "recipes" / "cards.yaml").read_text(encoding="utf-8"))
+
+
+def card_memory_gb(card: str) -> float:
+    """Usable GiB of the named card; ConfigError (key ``card``) naming the known cards otherwise."""
     from o1pruner.options import ConfigError
 
-    budget = gpu_memory_gb if gpu_memory_gb is not None else visible_gpu_memory_gb()
+    cards = known_cards()
+    if card not in cards:
+        raise ConfigError(f"card = {card!r}: unknown card; known: {', '.join(cards)}", key="card")
+    return float(cards[card]["usable_gib"])
+
+
+def plan_run(options: Mapping[str, Any], gpu_memory_gb: float | None = None) -> MemoryPlan:
+    """The plan of a resolved run (flat option keys, e.g. ``PipelineConfig.to_dict()``) on a card of
+    ``gpu_memory_gb`` GiB (default: the run's ``card``, else the visible GPU's memory)."""
+    from o1pruner.options import ConfigError
+
+    card = options.get("card") if gpu_memory_gb is None else None
+    budget = gpu_memory_gb
+    if budget is None and card:
+        budget = card_memory_gb(str(card))
+    if budget is None:
+        budget = visible_gpu_memory_gb()
     if budget is None:
         raise ConfigError(
-            "no GPU is visible: give the card's memory with --gpu-memory-gb", key="gpu_memory_gb"
+            "no GPU is visible: give the card's memory with --gpu-memory-gb or a --card", key="gpu_memory_gb"
         )
     if not options.get("model"):
         raise ConfigError("model is not set: pass --model or a --recipe", key="model")
-    return plan_memory(architecture_for(str(options["model"])), options, budget)
+    plan = plan_memory(architecture_for(str(options["model"])), options, budget)
+    plan.card = str(card) if card else None
+    return plan

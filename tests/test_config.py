@@ -70,13 +70,29 @@ def test_recipe_then_config_then_flags(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["marco-o1-7b", "qwq-32b-preview", "r1-distill-qwen-1.5b", "r1-distill-qwen-7b"]
+    "name",
+    ["marco-o1-7b", "qwq-32b-preview", "qwq-32b-preview-qlora", "r1-distill-qwen-1.5b", "r1-distill-qwen-7b"],
 )
 def test_packaged_recipes_are_valid(name):
     assert name in recipe_names()
     cfg = resolve_config(recipe=name)
     raw = load_recipe(name)
     assert all(getattr(cfg, k) == coerce_value(k, v) for k, v in raw.items())
+
+
+def test_recipe_data_files_are_not_recipes():
+    assert "architectures" not in recipe_names() and "cards" not in recipe_names()
+    with pytest.raises(ConfigError, match="unknown recipe 'cards'"):
+        load_recipe("cards")
+    with pytest.raises(ConfigError, match=r"card = '12gb': unknown card; known: 24gb, 48gb, 80gb"):
+        resolve_config(overrides={"card": "12gb"})
+
+
+def test_r1_recipes_follow_deepseeks_sampling_advice():
+    for name in ("r1-distill-qwen-1.5b", "r1-distill-qwen-7b"):
+        cfg = resolve_config(recipe=name)
+        assert cfg.system_prompt is None and (cfg.temperature, cfg.top_p) == (0.6, 0.95)
+        assert not cfg.eval_greedy and (cfg.eval_temperature, cfg.eval_top_p) == (0.6, 0.95)
 
 
 def test_recipe_values_match_the_paper():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+from o1pruner.config import recipe_names
 from o1pruner.memory_plan import (
     GIB,
     ModelArch,
@@ -197,21 +198,52 @@ def test_plan_command_prints_every_stage_and_exits_2_when_one_does_not_fit():
     assert "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("recipe", ["r1-distill-qwen-1.5b", "r1-distill-qwen-7b"])
-def test_one_gpu_recipes_fit_a_24_gb_card(recipe):
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_shipped_recipe_fits_the_card_it_names(recipe):
+    """Each recipe names a card in cards.yaml and a GPU count; planned on that card, every stage fits."""
     from importlib.resources import files
 
     import yaml
 
     from o1pruner.config import resolve_config
-    from o1pruner.memory_plan import plan_run
+    from o1pruner.memory_plan import card_memory_gb, plan_run
 
+    raw = yaml.safe_load((files("o1pruner") / "recipes" / f"{recipe}.yaml").read_text())
+    assert raw["card"] and raw["num_gpus"] >= 1, "a shipped recipe names its card and GPU count"
     cfg = resolve_config(recipe=recipe)
-    assert (
-        yaml.safe_load((files("o1pruner") / "recipes" / f"{recipe}.yaml").read_text())["model"] == cfg.model
-    )
-    plan = plan_run(cfg.to_dict(), 24)
+    assert raw["model"] == cfg.model
+    plan = plan_run(cfg.to_dict())  # no GPU here: the recipe's card
+    assert plan.budget == card_memory_gb(raw["card"]) * GIB and plan.num_gpus == raw["num_gpus"]
     assert plan.fits(), plan.table()
+
+
+def test_more_gpus_divide_the_trained_state_only():
+    arch = ModelArch.from_config(R1_7B)
+    opts = {"mode": "full", "optimizer": "paged_adamw_8bit", "micro_batch_tokens": 8192}
+    train = lambda n: next(
+        s for s in plan_memory(arch, {**opts, "num_gpus": n}, 80).stages if s.name == "train"
+    )
+    one, eight = train(1), train(8)
+    for part in ("weights", "gradients", "optimizer"):  # full: every weight is trained (fp32)
+        assert eight.parts[part] == pytest.approx(one.parts[part] / 8)
+    assert eight.parts["checkpoints"] == one.parts["checkpoints"]  # activations are per GPU
+    assert (
+        not plan_memory(arch, opts, 79.1).fits() and plan_memory(arch, {**opts, "num_gpus": 8}, 79.1).fits()
+    )
+    freeze = {**opts, "mode": "freeze", "freeze_last_n_layers": 4}
+    w = lambda n: plan_memory(arch, {**freeze, "num_gpus": n}, 80).stages[1].parts["weights"]
+    trained = trainable_params(arch, "freeze", 0, 4) * 4.0
+    assert w(1) - w(4) == pytest.approx(trained * 3 / 4)  # frozen 16-bit layers stay whole on each GPU
+
+
+def test_a_recipe_on_a_card_too_small_exits_2_with_the_numbers():
+    from cli_runs import run_cli
+
+    bad = run_cli("plan", "--recipe", "qwq-32b-preview-qlora", "--card", "24gb", timeout=300)
+    assert bad.returncode == 2, bad.stdout
+    assert "budget: 22.0 GiB (card 24gb)" in bad.stdout
+    assert "stage 'train' needs ~" in bad.stderr and "over its 22.0 GiB" in bad.stderr
+    assert "quantization" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_a_run_that_does_not_fit_the_gpu_stops_before_loading(tmp_path, monkeypatch):
