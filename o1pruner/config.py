@@ -95,6 +95,14 @@ class RunConfig:
 
     output_dir: str = option("runs/o1pruner", "Run directory: every stage's outputs, resumable.", stage=None)
     seed: int = option(0, "Random seed (sampling, sample selection, training order).", stage="sample")
+    rounds: int = option(
+        1,
+        "Rounds of sample -> score -> train (1: the paper). Round r >= 2 re-samples from round r-1's tuned "
+        "model, which is also its reference (baselines and importance ratio), in rounds/rR/; AES is always "
+        "against the original model.",
+        stage=None,  # round 1's outputs do not depend on it; later rounds live in their own folders
+        range="[1,)",
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
