@@ -145,8 +145,20 @@ def build_run_parser(prog: str = "o1pruner-train") -> argparse.ArgumentParser:
         help=f"Run the embedded toy demo (what no arguments at all does); other flags override its settings "
         f"(default run directory: {DEMO_OUTPUT_DIR}).",
     )
+    add_toy_split_argument(parser)
     add_config_arguments(parser)
     return parser
+
+
+def add_toy_split_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--toy-split",
+        choices=("validation", "test"),
+        default="test",
+        help="With the demo: evaluate on the toy's validation split (for choosing settings) or its test "
+        f"split (the reported numbers; default). Default run directory {DEMO_OUTPUT_DIR}, "
+        f"{DEMO_OUTPUT_DIR}-validation for the validation split.",
+    )
 
 
 def build_main_parser(prog: str = "o1pruner") -> argparse.ArgumentParser:
@@ -178,6 +190,8 @@ def build_main_parser(prog: str = "o1pruner") -> argparse.ArgumentParser:
                 metavar="GIB",
                 help="Memory of the card to plan for, in GiB (default: the run's --card, else the visible GPU's).",
             )
+        if command == "demo":
+            add_toy_split_argument(sp)
     return parser
 
 
@@ -219,10 +233,15 @@ def run_toy_demo(args: argparse.Namespace | None = None) -> None:
             "--demo and --recipe exclude each other (the demo brings its own model and problems)"
         )
     resolve_config(config_file=config_file, overrides=user)  # bad flags fail before the toy is built
-    output_dir = str(user.get("output_dir", DEMO_OUTPUT_DIR))
+    split = getattr(args, "toy_split", None) or "test"
+    default_dir = DEMO_OUTPUT_DIR if split == "test" else f"{DEMO_OUTPUT_DIR}-{split}"
+    output_dir = str(user.get("output_dir", default_dir))
     seed = coerce_value("seed", user.get("seed", 0), "command line")
-    log_progress(f"toy demo: a tiny long-thinking model on running sums, run directory {output_dir}")
-    assets = prepare_toy(output_dir, seed, log=log_progress)
+    log_progress(
+        f"toy demo: a tiny long-thinking model on running sums, evaluated on its {split} split, "
+        f"run directory {output_dir}"
+    )
+    assets = prepare_toy(output_dir, seed, split=split, log=log_progress)
     cfg = resolve_config(
         base=assets.overrides, config_file=config_file, overrides={**user, "output_dir": output_dir}
     )

@@ -108,6 +108,14 @@ class RunConfig:
         stage=None,
         range="[1,)",
     )
+    rounds: int = option(
+        1,
+        "Rounds of sample -> score -> train (1: the paper). Round r >= 2 re-samples from round r-1's tuned "
+        "model, which is also its reference (baselines and importance ratio), in rounds/rR/; AES is always "
+        "against the original model.",
+        stage=None,  # round 1's outputs do not depend on it; later rounds live in their own folders
+        range="[1,)",
+    )
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -382,6 +382,33 @@ def _save_merged(model, out: Path) -> None:
         merged.save_pretrained(out)
 
 
+def merge_adapter_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Write base + the LoRA adapter saved in ``adapter_dir``, merged into full weights, to ``out_dir``.
+
+    The base (``base_model_name_or_path`` of the adapter) is loaded unquantised on the CPU in its own
+    dtype; ``out_dir`` is written atomically with the adapter folder's tokenizer and a ``DONE`` marker.
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_name, dtype="auto", device_map={"": "cpu"})
+        with peft_quietly():
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
+        info = {"merged": True, "adapter": False, "from": str(adapter_dir), "base": str(base_name)}
+        (tmp / "DONE").write_text(json.dumps(info) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename ``src`` onto ``dst``; an existing ``dst`` is moved aside first and deleted afterwards."""
     old = None

@@ -24,7 +24,7 @@ from o1pruner.config import STAGES, ConfigError, PipelineConfig
 from o1pruner.io import DataError, atomic_write_text
 from o1pruner.modeling import free_memory
 from o1pruner.rundir import check_run_dir
-from o1pruner.stages import evaluate, report, sample, score, train
+from o1pruner.stages import evaluate, report, rounds, sample, score, train
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -281,6 +281,11 @@ class Pipeline:
             "(vllm when it is installed, else hf, unless set)"
         )
         do_eval = "eval" in stages and self.has_eval_set()
+        more_rounds = self.cfg.rounds > 1 and list(stages) == list(STAGES)
+        if self.cfg.rounds > 1 and not more_rounds:
+            self.log(
+                f"rounds = {self.cfg.rounds}: rounds 2.. run with every stage (o1pruner run); this is round 1"
+            )
         result = None
         try:
             if "sample" in stages:
@@ -294,7 +299,12 @@ class Pipeline:
                 train.run(self)
             if do_eval:
                 self.require("model/DONE", "train")
-                result = report.run(self, evaluate.base(self), evaluate.tuned(self))
+                base_eval, tuned_eval = evaluate.base(self), evaluate.tuned(self)
+            if more_rounds:
+                self.models.release()
+                rounds.run_rounds(self)
+            if do_eval:
+                result = report.run(self, base_eval, tuned_eval)
             elif "eval" in stages:
                 self.log(
                     f"no evaluation done: no --eval-dataset given; the tuned model is in {self.path('model')}"

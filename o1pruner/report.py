@@ -18,6 +18,16 @@ PLOTS = {
     "accuracy": "plots/accuracy.png",
     "training": "plots/training_curves.png",
     "length_by_level": "plots/length_by_level.png",
+    "truncated": "plots/truncated.png",
+    "rounds": "plots/rounds.png",
+}
+# Training curves: metrics.jsonl key -> (panel title, y-axis label with its unit).
+TRAINING_CURVES = {
+    "loss": ("loss", "PPO-clip loss (advantage-weighted, unitless)"),
+    "mean_ratio": ("mean importance ratio", "pi_theta / pi_ref (ratio, 1 = reference)"),
+    "clip_fraction": ("clip fraction", "share of ratios clipped (fraction)"),
+    "entropy": ("policy entropy", "entropy (nats per token)"),
+    "grad_norm": ("gradient norm", "L2 norm before clipping"),
 }
 
 
@@ -131,6 +141,19 @@ def per_level_rows(base: dict, tuned: dict) -> list[list[str]]:
     return rows
 
 
+def rounds_metrics(base: dict, rounds: list[tuple[int, dict]]) -> list[dict[str, Any]]:
+    """metrics.json's ``rounds``: each round's accuracy, mean length and AES against the original base."""
+    return [
+        {
+            "round": r,
+            "accuracy": float(t["accuracy"]),
+            "mean_length": float(t["mean_length"]),
+            "aes": compute_aes(base, t),
+        }
+        for r, t in rounds
+    ]
+
+
 def read_training_metrics(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -151,7 +174,7 @@ def training_summary(records: list[dict]) -> dict[str, Any]:
     if not records:
         return {}
     out: dict[str, Any] = {"steps": len(records)}
-    for key in ("loss", "clip_fraction", "mean_ratio", "grad_norm", "lr", "learning_rate"):
+    for key in ("loss", "clip_fraction", "mean_ratio", "entropy", "grad_norm", "lr", "learning_rate"):
         _, ys = _series(records, key)
         if ys:
             out[key] = {"first": ys[0], "last": ys[-1]}
@@ -223,30 +246,109 @@ def plot_length_by_level(base: dict, tuned: dict, path: Path) -> bool:
     ax.bar(x - 0.2, [base["per_level"][lvl]["mean_length"] for lvl in levels], width=0.4, label="base")
     ax.bar(x + 0.2, [tuned["per_level"][lvl]["mean_length"] for lvl in levels], width=0.4, label="tuned")
     ax.set_xticks(x, levels)
-    ax.set_xlabel("level")
-    ax.set_ylabel("mean generated tokens")
-    ax.set_title("Mean response length per level")
+    ax.set_xlabel("difficulty level")
+    ax.set_ylabel("mean response length (generated tokens)")
+    ax.set_title("Mean response length per level, before and after")
     ax.legend()
     _save_fig(fig, path)
     return True
 
 
-def plot_training(records: list[dict], path: Path) -> bool:
-    keys = [k for k in ("loss", "clip_fraction") if _series(records, k)[1]]
+def plot_training(records: list[dict] | dict[str, list[dict]], path: Path) -> bool:
+    """The training curves of :data:`TRAINING_CURVES` against the optimizer step, one line per run.
+
+    ``records``: one run's metrics.jsonl rows, or label (e.g. "round 2") -> rows, overlaid.
+    """
+    runs = records if isinstance(records, dict) else {"": records}
+    keys = [k for k in TRAINING_CURVES if any(_series(rows, k)[1] for rows in runs.values())]
     if not keys:
         return False
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        xs, ys = _series(records, key)
-        ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
+    cols = min(3, len(keys))
+    rows_n = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.5 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for label, rows in runs.items():
+            xs, ys = _series(rows, key)
+            if ys:
+                ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label or None)
+        title, ylabel = TRAINING_CURVES[key]
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.set_title(key.replace("_", " "))
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
+        if len(runs) > 1:
+            ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
     _save_fig(fig, path)
     return True
+
+
+def plot_truncated(base: dict, tuned: dict, path: Path) -> None:
+    """Share of responses cut at the token limit (finish reason "length"), overall and per level."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    levels = [lvl for lvl in base.get("per_level", {}) if lvl in tuned.get("per_level", {})]
+    labels = ["all", *levels]
+    b = [base.get("truncated_fraction", 0.0)] + [
+        base["per_level"][lvl].get("truncated_fraction", 0.0) for lvl in levels
+    ]
+    t = [tuned.get("truncated_fraction", 0.0)] + [
+        tuned["per_level"][lvl].get("truncated_fraction", 0.0) for lvl in levels
+    ]
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(labels)), 4))
+    ax.bar(x - 0.2, [100 * v for v in b], width=0.4, label="base")
+    ax.bar(x + 0.2, [100 * v for v in t], width=0.4, label="tuned")
+    ax.set_xticks(x, labels)
+    ax.set_ylim(0, max(5.0, 100 * max(b + t) * 1.15))
+    ax.set_xlabel("difficulty level" if levels else "")
+    ax.set_ylabel("truncated responses (% of responses)")
+    ax.set_title("Responses cut at the token limit")
+    ax.legend()
+    _save_fig(fig, path)
+
+
+def plot_rounds(base: dict, rounds: list[tuple[int, dict]], path: Path) -> None:
+    """Accuracy vs mean length: the base model, then one point per round (the trade-off across rounds)."""
+    import matplotlib.pyplot as plt
+
+    xs = [base["mean_length"], *(t["mean_length"] for _, t in rounds)]
+    ys = [100 * base["accuracy"], *(100 * t["accuracy"] for _, t in rounds)]
+    labels = ["base", *(f"round {r}" for r, _ in rounds)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, color="0.6", linewidth=1, zorder=1)
+    ax.scatter(xs, ys, c=[f"C{i}" for i in range(len(xs))], zorder=2)
+    for x, y, label in zip(xs, ys, labels):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("mean response length (generated tokens)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs length across rounds")
+    lo, hi = min(ys), max(ys)
+    ax.set_ylim(max(0.0, lo - max(2.0, 0.2 * (hi - lo))), min(100.0, hi + 2.0) + 0.5)
+    ax.grid(alpha=0.3)
+    _save_fig(fig, path)
+
+
+def rounds_rows(base: dict, rounds: list[tuple[int, dict]]) -> list[list[str]]:
+    rows = [["base", f"{100 * base['accuracy']:.1f}", f"{base['mean_length']:.1f}", "", ""]]
+    for r, t in rounds:
+        a = compute_aes(base, t)
+        change = _pct_change(t["mean_length"], base["mean_length"])
+        rows.append(
+            [
+                str(r),
+                f"{100 * t['accuracy']:.1f}",
+                f"{t['mean_length']:.1f}",
+                "n/a" if change is None else f"{change:+.1f}%",
+                "n/a" if a is None else f"{a:.3f}",
+            ]
+        )
+    return rows
 
 
 # ---------------------------------------------------------------------- the report
@@ -255,14 +357,17 @@ def write_report(
     base: dict,
     tuned: dict,
     *,
-    training_metrics: str | os.PathLike | None = None,
+    training_metrics: str | os.PathLike | dict[str, str | os.PathLike] | None = None,
     config: dict | None = None,
     title: str = "O1-Pruner run report",
+    rounds: list[tuple[int, dict]] | None = None,
 ) -> dict[str, Any]:
     """Write eval.json, metrics.json, summary.md, report.md and plots/*.png into ``run_dir``.
 
-    ``training_metrics`` is the trainer's metrics.jsonl (default: ``run_dir/metrics.jsonl`` if present).
-    Returns the eval.json content.
+    ``training_metrics`` is the trainer's metrics.jsonl (default: ``run_dir/metrics.jsonl`` if present),
+    or label -> metrics.jsonl of several rounds. ``rounds``: ``(round, tuned evaluation)`` of rounds
+    1..R when the run has several (``tuned`` is then the last one's); metrics.json gets a ``rounds``
+    list (AES against ``base``) and report.md the accuracy-vs-length plot. Returns the eval.json content.
     """
     import matplotlib
 
@@ -295,6 +400,7 @@ def write_report(
             "pruned": {"accuracy": float(tuned["accuracy"]), "mean_length": float(tuned["mean_length"])},
             "aes": aes_value,
             "eval_problems": n_problems,
+            **({"rounds": rounds_metrics(base, rounds)} if rounds else {}),
         },
     )
     atomic_write_text(run_dir / "summary.md", summary_markdown(base, tuned))
@@ -306,9 +412,19 @@ def write_report(
     plots_written.append(("Accuracy", PLOTS["accuracy"]))
     if plot_length_by_level(base, tuned, run_dir / PLOTS["length_by_level"]):
         plots_written.append(("Mean length per level", PLOTS["length_by_level"]))
-    metrics_path = Path(training_metrics) if training_metrics else run_dir / "metrics.jsonl"
-    train_records = read_training_metrics(metrics_path)
-    if train_records and plot_training(train_records, run_dir / PLOTS["training"]):
+    plot_truncated(base, tuned, run_dir / PLOTS["truncated"])
+    plots_written.append(("Truncated responses", PLOTS["truncated"]))
+    if rounds:
+        plot_rounds(base, rounds, run_dir / PLOTS["rounds"])
+        plots_written.append(("Accuracy vs length across rounds", PLOTS["rounds"]))
+    if isinstance(training_metrics, dict):
+        curves = {label: read_training_metrics(path) for label, path in training_metrics.items()}
+        curves = {label: rows for label, rows in curves.items() if rows}
+    else:
+        metrics_path = Path(training_metrics) if training_metrics else run_dir / "metrics.jsonl"
+        curves = {"": read_training_metrics(metrics_path)} if metrics_path.exists() else {}
+    train_records = next(reversed(curves.values())) if curves else []  # the final model's training
+    if curves and plot_training(curves if len(curves) > 1 else train_records, run_dir / PLOTS["training"]):
         plots_written.append(("Training curves", PLOTS["training"]))
 
     md = [f"# {title}\n\n"]
@@ -328,6 +444,19 @@ def write_report(
         "dL - 5 |dA|, with dL and dA the relative changes of length and accuracy (O1-Pruner, arXiv 2501.12570; "
         "its Table 2 scores falls of accuracy as +3|dA|, which contradicts its own definition).\n"
     )
+    if rounds:
+        md.append(
+            f"\n## Rounds (each against the original base; the table above is round {rounds[-1][0]})\n\n"
+        )
+        md.append(
+            _markdown_table(
+                ["round", "accuracy %", "mean length", "length change", "AES"], rounds_rows(base, rounds)
+            )
+        )
+        md.append(
+            "\nRound r >= 2 sampled from and was referenced against round r-1's tuned model; accuracy, "
+            "length and AES are all measured against the original base model.\n"
+        )
     level_rows = per_level_rows(base, tuned)
     if level_rows:
         md.append("\n## Per level\n\n")
@@ -345,7 +474,8 @@ def write_report(
             for key, v in summary.items()
             if isinstance(v, dict)
         ]
-        md.append(f"{summary['steps']} logged optimizer steps.\n\n")
+        which = f" (round {rounds[-1][0]})" if rounds else ""
+        md.append(f"{summary['steps']} logged optimizer steps{which}.\n\n")
         md.append(_markdown_table(["metric", "first", "last"], rows))
     md.append("\n## Plots\n")
     md += [f"\n![{name}]({rel})\n" for name, rel in plots_written]

@@ -3,7 +3,8 @@
 Layout (docs/architecture.md): ``config.yaml``, ``problems/{train,eval}.jsonl``, ``samples.jsonl`` +
 ``samples.done.json``, ``scored.parquet``, ``checkpoints/``, ``metrics.jsonl``, ``model/`` (+
 ``model/DONE``), ``eval/{base,tuned}.json`` + ``eval/*_responses.jsonl``, ``eval.json``, ``metrics.json``,
-``report.md``, ``summary.md``, ``plots/``.
+``report.md``, ``summary.md``, ``plots/``; with ``--rounds R``, ``rounds/r2/`` ... ``rounds/rR/``, each
+a run directory of the same layout (:mod:`o1pruner.stages.rounds`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from o1pruner.config import STAGES, ConfigError, PipelineConfig, diff_configs, f
 
 # Files and folders that hold each stage's outputs (complete or partial).
 STAGE_OUTPUTS = {
-    "sample": ("problems/train.jsonl", "samples.jsonl", "samples.done.json"),
+    "sample": ("problems/train.jsonl", "samples.jsonl", "samples.done.json", "rounds"),
     "score": ("scored.parquet",),
     "train": ("checkpoints", "model", "metrics.jsonl"),
     "eval": ("eval", "problems/eval.jsonl"),

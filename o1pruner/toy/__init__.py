@@ -1,9 +1,11 @@
 """The embedded demo: a toy long-thinking model and problem source for ``o1pruner-train`` with no arguments.
 
 ``prepare_toy(run_dir, seed)`` builds (or finds in its cache) a tiny Llama model that solves running sums
-with o1-style redundant re-checks (more on easy problems than on hard ones), writes the training and
-held-out evaluation problems as ``.jsonl`` files, and returns the pipeline settings that point the
-standard pipeline at them. Nothing else about the pipeline changes: the toy is a model + problem source.
+with o1-style redundant re-checks (more on easy problems than on hard ones), writes the training,
+validation and test problems as ``.jsonl`` files, and returns the pipeline settings that point the
+standard pipeline at them (evaluation on the test split unless ``split="validation"``). Settings are
+chosen on the validation split; reported numbers come from the test split. Nothing else about the
+pipeline changes: the toy is a model + problem source.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from o1pruner.toy.warmup import warmup as run_warmup
 
 __all__ = [
     "DEMO_OVERRIDES",
+    "SPLITS",
     "TaskConfig",
     "ToyAssets",
     "WarmupConfig",
@@ -35,7 +38,7 @@ __all__ = [
 ]
 
 #: Bump when the task, tokenizer or warm-up changes in a way that changes the cached model.
-TOY_VERSION = 4
+TOY_VERSION = 5
 
 #: Pipeline settings (``PipelineConfig`` field -> value) of the demo, on top of the paper defaults.
 DEMO_OVERRIDES: dict[str, Any] = {
@@ -66,7 +69,11 @@ DEMO_OVERRIDES: dict[str, Any] = {
     # stage 4: greedy evaluation
     "eval_max_new_tokens": 160,
     "eval_batch_size": 256,
+    # rounds of sample -> score -> train, chosen on the validation split (docs/demo.md)
+    "rounds": 1,
 }
+#: The toy's evaluation splits: ``validation`` for choosing settings, ``test`` for the reported numbers.
+SPLITS = ("validation", "test")
 
 
 def demo_overrides(**changes: Any) -> dict[str, Any]:
@@ -86,7 +93,7 @@ class ToyAssets:
 
     model_dir: Path
     train_path: Path
-    eval_path: Path
+    eval_path: Path  # the split evaluated: toy/validation.jsonl or toy/test.jsonl
     train_problems: list[Any]
     eval_problems: list[Any]
     overrides: dict[str, Any]
@@ -116,24 +123,36 @@ def prepare_toy(
     task_config: TaskConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
+    split: str = "test",
     log=print,
 ) -> ToyAssets:
     """Build the demo's reference model and problems; return where they are and the pipeline settings.
 
-    ``run_dir/toy/{train,eval}.jsonl`` get the problems (fields id, question, answer, level); the eval set
-    is disjoint from the training set and from every warm-up trace. The warm-up model is cached under
-    ``cache_dir`` (default :func:`default_cache_dir`), keyed by a hash of seed, settings and eval set, so
-    a rerun skips it. ``overrides`` are applied on top of :data:`DEMO_OVERRIDES`.
+    ``run_dir/toy/{train,validation,test}.jsonl`` get the problems (fields id, question, answer, level),
+    ``num_eval`` in each of the two held-out splits; the three sets are disjoint, and no warm-up trace
+    is drawn from either held-out split. ``split`` names the one the pipeline evaluates (``validation``
+    to choose settings, ``test`` for the numbers reported). The warm-up model is cached under
+    ``cache_dir`` (default :func:`default_cache_dir`), keyed by a hash of seed, settings and held-out
+    sets (the same model for both splits), so a rerun skips it. ``overrides`` are applied on top of
+    :data:`DEMO_OVERRIDES`.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     warmup_config = warmup_config or WarmupConfig()
     task_config = task_config or TaskConfig()
     run_dir = Path(run_dir)
-    eval_set = draw_problems(num_eval, seed=10_000 + seed, config=task_config)
-    eval_questions = frozenset(p.question for p in eval_set)
+    test_set = draw_problems(num_eval, seed=10_000 + seed, config=task_config)
+    val_set = draw_problems(
+        num_eval, seed=20_000 + seed, config=task_config, exclude={p.question for p in test_set}
+    )
+    eval_questions = frozenset(p.question for p in (*test_set, *val_set))  # held out of everything
     train_set = draw_problems(num_train, seed=seed, config=task_config, exclude=eval_questions)
-    train_path, eval_path = run_dir / "toy" / "train.jsonl", run_dir / "toy" / "eval.jsonl"
+    train_path = run_dir / "toy" / "train.jsonl"
     save_problems(train_path, [_as_problem(p) for p in train_set])
-    save_problems(eval_path, [_as_problem(p) for p in eval_set])
+    for name, problems in (("validation", val_set), ("test", test_set)):
+        save_problems(run_dir / "toy" / f"{name}.jsonl", [_as_problem(p) for p in problems])
+    eval_path = run_dir / "toy" / f"{split}.jsonl"
+    eval_set = val_set if split == "validation" else test_set
 
     key_src = {
         "version": TOY_VERSION,
@@ -208,5 +227,5 @@ def prepare_toy(
         eval_problems=[_as_problem(p) for p in eval_set],
         overrides=settings,
         warmup_seconds=seconds,
-        info=info,
+        info={**info, "split": split},
     )
