@@ -225,6 +225,7 @@ def _other_value(key: str, opt):
     """A valid value of option ``key`` that differs from its default (raw, as a flag would give it)."""
     special = {
         "model": "org/other-model",
+        "card": "48gb",
         "dataset": "gsm8k",
         "eval_dataset": "math500",
         "mode": "lora",
@@ -261,7 +262,7 @@ def test_every_option_reaches_the_code_that_uses_it():
     consumer's code reads that field: a declared option cannot silently be a no-op (as max_steps was)."""
     import inspect
 
-    from o1pruner import evaluate, modeling, pipeline, sampling, scoring, stages, train
+    from o1pruner import evaluate, memory_plan, modeling, pipeline, sampling, scoring, stages, train
     from o1pruner.stages import evaluate as eval_stage
     from o1pruner.stages import report, sample, score
     from o1pruner.stages import train as train_stage
@@ -270,7 +271,7 @@ def test_every_option_reaches_the_code_that_uses_it():
         inspect.getsource(m) for m in (stages, sample, score, train_stage, eval_stage, report)
     )
     consumers = {  # section -> source of the code that receives that section
-        "run": driver,
+        "run": driver + inspect.getsource(memory_plan),  # card, num_gpus: read by the memory plan
         "model_config": driver + inspect.getsource(ModelConfig.load_kwargs),
         "data": driver,
         "sampling": inspect.getsource(sampling),
