@@ -257,7 +257,7 @@ def test_commands_and_the_run_alias():
         o for a in top._subparsers._group_actions[0].choices["run"]._actions for o in a.option_strings
     }
     alias_flags = {o for a in cli.build_run_parser()._actions for o in a.option_strings}
-    assert alias_flags - run_flags == {"--demo"} and run_flags <= alias_flags
+    assert alias_flags - run_flags == {"--demo", "--toy-split"} and run_flags <= alias_flags
     proc = subprocess.run(
         [sys.executable, "-m", "o1pruner"], capture_output=True, text=True, cwd=REPO, timeout=120
     )
