@@ -273,11 +273,15 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
             parts["gathered layers"] = 2 * layer_params * 4.0
     # Backward of a layer holds its saved tensors plus about twice as much in gradients in flight
     # (measured on the CPU: tests/test_memory_plan.py).
+    # freeze: autograd records nothing before the first trainable layer, so only the suffix keeps tensors.
+    graph_layers = arch.num_layers
+    if mode == "freeze":
+        graph_layers = min(int(_opt(options, "freeze_last_n_layers", 0)), arch.num_layers)
     if ckpt:
-        parts["checkpoints"] = arch.num_layers * tokens * arch.hidden_size * act_bytes
+        parts["checkpoints"] = graph_layers * tokens * arch.hidden_size * act_bytes
         parts["layer recompute"] = 3 * layer
     else:
-        parts["activations"] = (arch.num_layers + 2) * layer
+        parts["activations"] = (graph_layers + 2) * layer
     if mode == "qlora":
         parts["dequantized weight"] = 2 * arch.largest_linear * act_bytes
     parts["attention"] = attention_extra_bytes(arch, tokens, attn, packed=True)

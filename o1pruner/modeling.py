@@ -100,6 +100,11 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also hooks the embeddings' output to require grad (what reentrant checkpointing needs);
+    # non-reentrant checkpointing does not, and in freeze mode the hook would make autograd run backward
+    # through every frozen layer. LoRA modes put it back where they need it.
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def _is_adapter_dir(path: str) -> bool:
@@ -216,11 +221,12 @@ def load_model(
         model.eval()
 
     if mode in ("full", "freeze"):
+        # No enable_input_require_grads here: non-reentrant checkpointing needs no input that requires grad,
+        # so in freeze mode autograd records nothing before the first trainable layer and the backward
+        # stops there instead of running through every frozen layer.
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-        if gradient_checkpointing:
-            model.enable_input_require_grads()
     if mode != "none":
         model.train()
     lm_head_weight(model).requires_grad_(mode == "full")

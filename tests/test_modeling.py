@@ -78,6 +78,36 @@ def test_freeze_mode_trains_last_layers_and_final_norm(tiny_path):
         _load(tiny_path, "freeze", freeze_last_n_layers=4)
 
 
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_freeze_mode_backpropagates_only_the_trainable_suffix(tiny_path, checkpointing):
+    """Frozen layers record no graph: their outputs need no grad and their backward never runs."""
+    model, _ = _load(tiny_path, "freeze", freeze_last_n_layers=1, gradient_checkpointing=checkpointing)
+    layers = decoder_of(model).layers
+    needs_grad, backward_calls = [], [0] * len(layers)
+    for i, layer in enumerate(layers):
+
+        def forward_hook(_m, _args, out):
+            needs_grad.append((out[0] if isinstance(out, tuple) else out).requires_grad)
+
+        def backward_hook(_m, _gin, _gout, i=i):
+            backward_calls[i] += 1
+
+        layer.register_forward_hook(forward_hook)
+        layer.register_full_backward_hook(backward_hook)
+    embeds = []
+    decoder_of(model).embed_tokens.register_forward_hook(lambda _m, _a, out: embeds.append(out.requires_grad))
+    ids = torch.randint(0, 40, (2, 12))
+    last_hidden_states(model, ids).float().pow(2).mean().backward()
+    n = len(layers)
+    assert embeds == [False]
+    # With checkpointing the trainable layer's forward runs twice (the recompute); frozen ones once.
+    assert needs_grad[: n - 1] == [False] * (n - 1) and all(needs_grad[n - 1 :])
+    assert backward_calls == [0] * (n - 1) + [1]
+    trained = [p for p in layers[-1].parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    assert all(p.grad is None for p in layers[0].parameters())
+
+
 def test_lora_mode_adapts_every_linear_but_not_lm_head(tiny_path):
     model, _ = _load(tiny_path, "lora")
     names = _trainable(model)
