@@ -320,10 +320,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False
     """
     from peft import PeftModel
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with _model_folder(out_dir) as tmp:
         info: dict = {"merged": False, "adapter": False}
         if isinstance(model, PeftModel):
             if merge:
@@ -352,6 +349,16 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "DONE").write_text(json.dumps(info) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _model_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir``, renamed onto it when the block succeeds (deleted otherwise)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
         _replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -376,16 +383,21 @@ def _config_dtype(model) -> torch.dtype:
 
 
 def _save_merged(model, out: Path) -> None:
+    base_name = model.peft_config[model.active_adapter].base_model_name_or_path
+    with tempfile.TemporaryDirectory(dir=out.parent) as adapter_dir:
+        model.save_pretrained(adapter_dir)
+        _merge_into_base(base_name, adapter_dir, _config_dtype(model), out)
+
+
+def _merge_into_base(base_name: str, adapter_dir: str | os.PathLike, dtype, out: Path) -> None:
+    """Load ``base_name`` unquantised on the CPU in ``dtype``, merge the adapter in, save full weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base_name = model.peft_config[model.active_adapter].base_model_name_or_path
-    dtype = _config_dtype(model)
-    with tempfile.TemporaryDirectory(dir=out.parent) as adapter_dir:
-        model.save_pretrained(adapter_dir)
-        base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype, device_map={"": "cpu"})
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-        merged.save_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype, device_map={"": "cpu"})
+    with peft_quietly():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)
 
 
 def merge_adapter_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
@@ -394,25 +406,15 @@ def merge_adapter_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
     The base (``base_model_name_or_path`` of the adapter) is loaded unquantised on the CPU in its own
     dtype; ``out_dir`` is written atomically with the adapter folder's tokenizer and a ``DONE`` marker.
     """
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import PeftConfig
+    from transformers import AutoTokenizer
 
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        base = AutoModelForCausalLM.from_pretrained(base_name, dtype="auto", device_map={"": "cpu"})
-        with peft_quietly():
-            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged.save_pretrained(tmp)
+    with _model_folder(out_dir) as tmp:
+        _merge_into_base(base_name, adapter_dir, "auto", tmp)
         AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
         info = {"merged": True, "adapter": False, "from": str(adapter_dir), "base": str(base_name)}
         (tmp / "DONE").write_text(json.dumps(info) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -31,7 +31,7 @@ def is_current(p: Pipeline) -> bool:
     if not all(not f.exists() or f.stat().st_mtime <= oldest for f in _inputs(p)):
         return False
     listed = json.loads(p.path("metrics.json").read_text(encoding="utf-8")).get("rounds")
-    found = rounds_stage.round_results(p) if p.cfg.rounds > 1 else []
+    found = rounds_stage.round_results(p)
     return [r["round"] for r in listed or []] == [r for r, _ in found]
 
 
@@ -43,7 +43,7 @@ def run(p: Pipeline, base: dict, tuned: dict) -> dict:
     """
     from o1pruner.report import print_summary, write_report
 
-    rounds = rounds_stage.round_results(p) if p.cfg.rounds > 1 else []
+    rounds = rounds_stage.round_results(p)
     if rounds:
         tuned = rounds[-1][1]
     if is_current(p):

@@ -58,24 +58,24 @@ def round_config(p: Pipeline, r: int, model: Path):
     return PipelineConfig.from_dict(values, source=f"round {r}")
 
 
-def run_rounds(p: Pipeline) -> list[dict[str, Any] | None]:
-    """Rounds 2..R after round 1 finished in ``p.run_dir``; returns each round's eval.json (None: no eval)."""
+def run_rounds(p: Pipeline) -> None:
+    """Rounds 2..R after round 1 finished in ``p.run_dir`` (each writes its own report)."""
     from o1pruner.pipeline import Pipeline as RoundPipeline
 
-    results = []
     for r in range(2, p.cfg.rounds + 1):
         p.require("model/DONE" if r == 2 else f"rounds/r{r - 1}/model/DONE", "train")
         p.log(f"round {r} of {p.cfg.rounds}: sampling from round {r - 1}'s tuned model, in {round_dir(p, r)}")
         cfg = round_config(p, r, round_base(p, r))
         sub = RoundPipeline(cfg, log=lambda msg, r=r: p.log(f"[round {r}] {msg}"))
-        results.append(sub.run())
-    return results
+        sub.run()
 
 
 def round_results(p: Pipeline) -> list[tuple[int, dict]]:
-    """``(round, tuned evaluation)`` of every round 1..R whose evaluation exists."""
+    """``(round, tuned evaluation)`` of every round 1..R whose evaluation exists; [] for a one-round run."""
     import json
 
+    if p.cfg.rounds == 1:
+        return []
     out = []
     for r in range(1, p.cfg.rounds + 1):
         path = round_dir(p, r) / "eval" / "tuned.json"
