@@ -375,13 +375,18 @@ def plan_memory(
     return plan
 
 
-def known_architectures() -> dict[str, dict[str, Any]]:
-    """Model id -> config.json values, for the models the shipped recipes name (no download needed)."""
+def _recipe_data(filename: str) -> dict[str, Any]:
+    """The mapping in the packaged data file ``o1pruner/recipes/FILENAME``."""
     from importlib.resources import files
 
     import yaml
 
-    return yaml.safe_load((files("o1pruner") / "recipes" / "architectures.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load((files("o1pruner") / "recipes" / filename).read_text(encoding="utf-8"))
+
+
+def known_architectures() -> dict[str, dict[str, Any]]:
+    """Model id -> config.json values, for the models the shipped recipes name (no download needed)."""
+    return _recipe_data("architectures.yaml")
 
 
 def architecture_for(model: str) -> ModelArch:
@@ -413,11 +418,7 @@ def visible_gpu_memory_gb() -> float | None:
 
 def known_cards() -> dict[str, dict[str, Any]]:
     """Card name -> ``{usable_gib, examples}`` (``o1pruner/recipes/cards.yaml``)."""
-    from importlib.resources import files
-
-    import yaml
-
-    return yaml.safe_load((files("o1pruner") / "recipes" / "cards.yaml").read_text(encoding="utf-8"))
+    return _recipe_data("cards.yaml")
 
 
 def card_memory_gb(card: str) -> float:
