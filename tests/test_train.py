@@ -339,3 +339,56 @@ def test_paged_adamw_8bit_trains_and_resumes(tiny_path, scored, tmp_path):
     cfg.max_steps = 2
     rows = Trainer(_load(tiny_path, "lora"), scored, cfg, tmp_path).train()
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def _bf16_weight_copies_alive(trainer, model, force_cache: bool | None, monkeypatch) -> int:
+    """bf16 casts of first-layer weights still alive when the last decoder layer starts (bf16 autocast on
+    the CPU, gradient checkpointing): copies that something (the autocast cache) kept."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from o1pruner import train as train_mod
+    from o1pruner.modeling import decoder_of
+
+    layers = decoder_of(model).layers
+    first = {id(p) for p in layers[0].parameters() if p.dim() == 2}
+    casts: list = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and id(args[0]) in first:
+                casts.append(weakref.ref(out))
+            return out
+
+    if force_cache is not None:
+        real = torch.autocast
+        monkeypatch.setattr(
+            train_mod.torch, "autocast", lambda *a, **kw: real(*a, **{**kw, "cache_enabled": force_cache})
+        )
+    alive = []
+    handle = layers[-1].register_forward_pre_hook(
+        lambda *_: alive.append(sum(r() is not None for r in casts))
+    )
+    try:
+        trainer.autocast_dtype = torch.bfloat16  # what a bf16 GPU run uses; CPU autocast does bf16 too
+        trainer.model.train()
+        with Casts():
+            trainer.forward_backward(trainer.step_rows(0))
+    finally:
+        handle.remove()
+        monkeypatch.undo()
+    assert casts, "no bf16 cast of a first-layer weight was seen"
+    return max(alive)
+
+
+def test_autocast_keeps_no_weight_copies(tiny_path, scored, tmp_path, monkeypatch):
+    """The autocast weight cache would hold a bf16 copy of every float32 trainable weight until the
+    forward ends (2 bytes per parameter); the trainer runs autocast without it. The control run with the
+    cache forced on shows that the measurement sees such copies."""
+    model = _load(tiny_path, "full", gradient_checkpointing=True)
+    trainer = Trainer(model, scored, _cfg(), tmp_path)
+    assert _bf16_weight_copies_alive(trainer, model, None, monkeypatch) == 0
+    trainer.optimizer.zero_grad(set_to_none=True)
+    assert _bf16_weight_copies_alive(trainer, model, True, monkeypatch) > 0
