@@ -143,7 +143,7 @@ def evaluate_model(
 
     todo = [p for p in problems if any((str(_attr(p, "id")), j) not in done for j in range(n))]
     if todo:
-        with _generator(model_or_path, tokenizer, config) as (model, tokenizer):
+        with _generator(model_or_path, tokenizer, config, todo) as (model, tokenizer):
             _generate_missing(model, tokenizer, todo, done, config, out_path, desc)
 
     records = [
@@ -164,8 +164,13 @@ def evaluate_model(
 
 
 @contextlib.contextmanager
-def _generator(model_or_path: Any, tokenizer: Any, config: EvalConfig) -> Iterator[tuple[Any, Any]]:
-    """Load a model given as a path once for the whole evaluation (an engine per batch would be slow)."""
+def _generator(
+    model_or_path: Any, tokenizer: Any, config: EvalConfig, todo: Sequence[Any] = ()
+) -> Iterator[tuple[Any, Any]]:
+    """Load a model given as a path once for the whole evaluation (an engine per batch would be slow).
+
+    A vLLM engine gets ``max_model_len`` from the longest prompt of ``todo`` when ``tokenizer`` is given.
+    """
     if not isinstance(model_or_path, (str, os.PathLike)):
         was_training = bool(getattr(model_or_path, "training", False))
         if was_training:  # dropout off; gradient checkpointing would also switch the KV cache off
@@ -179,7 +184,14 @@ def _generator(model_or_path: Any, tokenizer: Any, config: EvalConfig) -> Iterat
     if config.backend == "vllm":
         from o1pruner.sampling import make_vllm_engine, release_vllm_engine
 
-        llm = make_vllm_engine(model_or_path, config.sampling_config())
+        longest = None
+        if tokenizer is not None and todo:
+            from o1pruner.prompts import encode_prompt
+
+            longest = max(
+                len(encode_prompt(tokenizer, _attr(p, "question"), config.system_prompt)) for p in todo
+            )
+        llm = make_vllm_engine(model_or_path, config.sampling_config(), longest)
         try:
             if tokenizer is None:
                 tokenizer = llm.get_tokenizer()

@@ -299,13 +299,14 @@ def _import_vllm():
     return vllm
 
 
-def make_vllm_engine(path: str | os.PathLike, config: SamplingConfig):
+def make_vllm_engine(path: str | os.PathLike, config: SamplingConfig, longest_prompt: int | None = None):
     """Start a vLLM offline engine on a model folder or Hub name (bf16, prefix caching on; LoRA serving
-    when ``config.lora_path`` is set: see :mod:`o1pruner.vllm_engine`)."""
+    when ``config.lora_path`` is set; ``max_model_len`` from ``longest_prompt``: see
+    :func:`o1pruner.vllm_engine.engine_kwargs`)."""
     from o1pruner.vllm_engine import engine_kwargs
 
     vllm = _import_vllm()
-    return vllm.LLM(**engine_kwargs(path, config))
+    return vllm.LLM(**engine_kwargs(path, config, longest_prompt))
 
 
 class _EngineHolder:
@@ -364,7 +365,9 @@ def release_vllm_engine(engine: Any) -> None:
 
 
 @contextlib.contextmanager
-def _vllm_engine(model_or_path: Any, config: SamplingConfig) -> Iterator[_EngineHolder]:
+def _vllm_engine(
+    model_or_path: Any, config: SamplingConfig, prompts_ids: Sequence[Sequence[int]] = ()
+) -> Iterator[_EngineHolder]:
     """Yield a holder of an engine: the given ``vllm.LLM`` as is (not released), or a new one started on a
     path and released on exit."""
     if not _is_path(model_or_path):
@@ -375,7 +378,8 @@ def _vllm_engine(model_or_path: Any, config: SamplingConfig) -> Iterator[_Engine
             "the 'vllm' backend needs a model folder or Hub name (or a vllm.LLM), not a loaded "
             f"{type(model_or_path).__name__}; save the model first or use backend='hf'"
         )
-    holder = _EngineHolder(make_vllm_engine(model_or_path, config), owned=True)
+    longest = max(map(len, prompts_ids), default=None)
+    holder = _EngineHolder(make_vllm_engine(model_or_path, config, longest), owned=True)
     try:
         yield holder
     finally:
@@ -447,7 +451,7 @@ def generate(
         requests = [
             (p, config.seed + seed_offset + i * n + j) for i, p in enumerate(prompts_ids) for j in range(n)
         ]
-        with _vllm_engine(model_or_path, config) as engine:
+        with _vllm_engine(model_or_path, config, prompts_ids) as engine:
             flat = _vllm_generate_requests(engine.llm, tokenizer, requests, config)
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts_ids))]
     model = model_or_path
@@ -515,7 +519,7 @@ def sample_problems(
         if config.backend == "vllm":
             # One request per pair with its own seed: resuming a problem with some samples done redraws
             # exactly the missing ones; prefix caching shares the prompt's KV blocks between them.
-            with _vllm_engine(model_or_path, config) as engine:
+            with _vllm_engine(model_or_path, config, list(prompt_ids.values())) as engine:
                 for start in range(0, len(order), config.batch_size):
                     block = [(j, p) for j, p in enumerate(order[start : start + config.batch_size], start)]
                     pairs = [(p, i) for _, p in block for i in range(k) if (p.id, i) not in done]

@@ -61,11 +61,13 @@ def max_lora_rank(rank: int) -> int:
     return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
 
-def engine_kwargs(path: str | os.PathLike, config: Any) -> dict[str, Any]:
+def engine_kwargs(path: str | os.PathLike, config: Any, longest_prompt: int | None = None) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` for a :class:`o1pruner.sampling.SamplingConfig`.
 
     bf16 weights, prefix caching (the K samples of a problem share its prompt), the config's seed, and
-    LoRA serving when ``config.lora_path`` names an adapter folder.
+    LoRA serving when ``config.lora_path`` names an adapter folder. ``longest_prompt`` (tokens) sets
+    ``max_model_len`` to it plus ``config.max_new_tokens``: the model's own limit (131,072 for
+    R1-Distill) would make vLLM reserve KV memory for sequences this run never has.
     """
     kwargs: dict[str, Any] = {
         "model": str(path),
@@ -75,10 +77,26 @@ def engine_kwargs(path: str | os.PathLike, config: Any) -> dict[str, Any]:
         "quantization": config.quantization,
         "enable_prefix_caching": True,
     }
+    if longest_prompt is not None:
+        needed = int(longest_prompt) + int(config.max_new_tokens)
+        limit = _model_max_len(path)
+        kwargs["max_model_len"] = needed if limit is None else min(needed, limit)
     if getattr(config, "lora_path", None):
         rank = adapter_config(config.lora_path)["r"]
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(rank))
     return kwargs
+
+
+def _model_max_len(path: str | os.PathLike) -> int | None:
+    """The model's own position limit (``max_position_embeddings``), None when its config cannot be read:
+    vLLM refuses a ``max_model_len`` above it."""
+    try:
+        from transformers import AutoConfig
+
+        value = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)
+    except Exception:  # an unreadable or remote config: vLLM applies its own limit
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def lora_request(config: Any):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import make_tiny_model
 
 from o1pruner.sampling import SamplingConfig
 from o1pruner.vllm_engine import (
@@ -70,3 +71,18 @@ def test_engine_kwargs_enable_lora_only_with_an_adapter(tmp_path):
     served = engine_kwargs("m", cfg)
     assert (served["enable_lora"], served["max_loras"], served["max_lora_rank"]) == (True, 1, 32)
     assert served["gpu_memory_utilization"] == 0.3
+
+
+def test_engine_kwargs_max_model_len_is_longest_prompt_plus_new_tokens():
+    cfg = SamplingConfig(k=1, backend="vllm", max_new_tokens=300)
+    assert "max_model_len" not in engine_kwargs("m", cfg)  # no prompts known: the model's own limit
+    assert engine_kwargs("m", cfg, longest_prompt=57)["max_model_len"] == 357  # "m": no config to read
+
+
+def test_max_model_len_never_exceeds_the_models_limit(tmp_path):
+    model = make_tiny_model(tmp_path / "m")
+    limit = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    cfg = SamplingConfig(k=1, backend="vllm", max_new_tokens=limit)
+    assert engine_kwargs(str(model), cfg, longest_prompt=10)["max_model_len"] == limit
+    cfg = SamplingConfig(k=1, backend="vllm", max_new_tokens=5)
+    assert engine_kwargs(str(model), cfg, longest_prompt=10)["max_model_len"] == 15
