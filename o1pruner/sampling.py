@@ -250,6 +250,29 @@ def _hf_generate_batch(
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
             )
+    except torch.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise
+        # Halve and retry: the KV cache of a batch grows with its rows; each half draws under a seed
+        # derived from this batch's, so a rerun on the same card redraws the same tokens.
+        del input_ids, attention_mask
+        from o1pruner.modeling import free_memory
+
+        free_memory()
+        half = len(prompts) // 2
+        logger.warning(
+            "hf generate: out of memory at %d sequences; retrying as %d + %d",
+            len(prompts),
+            half,
+            len(prompts) - half,
+        )
+        return [
+            gen
+            for part, rows in enumerate((prompts[:half], prompts[half:]))
+            for gen in _hf_generate_batch(
+                model, tokenizer, rows, config, _child_seed(seed, part), eos_ids, pad_id
+            )
+        ]
     finally:
         model.train(was_training)
     new_tokens = out[:, width:].tolist()
@@ -258,6 +281,13 @@ def _hf_generate_batch(
         ids, reason = cut_at_eos(row, eos_ids)
         gens.append(Generation(token_ids=ids, text=_decode(tokenizer, ids), finish_reason=reason))
     return gens
+
+
+def _child_seed(seed: int, part: int) -> int:
+    """A seed for part ``part`` of a split batch, distinct from every ``seed + b`` of the unsplit ones."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, part]).generate_state(1)[0])
 
 
 def _hf_generate(

@@ -146,6 +146,40 @@ def test_greedy_is_deterministic_and_batch_invariant(loaded):
         assert gens[0].token_ids == out
 
 
+def test_hf_generate_halves_a_batch_that_runs_out_of_memory(loaded, monkeypatch):
+    """A batch over the (simulated) memory limit is split until it fits; every prompt still gets its
+    responses, greedy ones equal to an unsplit run, sampled ones reproducible and all drawn distinctly."""
+    model, tok = loaded
+    prompts = [encode_prompt(tok, p.question) for p in _problems(5)]
+    real, sizes = model.generate, []
+
+    def limited(*a, **kw):
+        rows = kw["input_ids"].shape[0]
+        sizes.append(rows)
+        if rows > 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(*a, **kw)
+
+    greedy = SamplingConfig(k=1, temperature=0.0, max_new_tokens=6, batch_size=8)
+    expected = generate(model, tok, prompts, n=2, config=greedy)
+    monkeypatch.setattr(model, "generate", limited)
+    got = generate(model, tok, prompts, n=2, config=greedy)
+    ids = lambda res: [[g.token_ids for g in gens] for gens in res]
+    assert ids(got) == ids(expected)
+    assert sizes[:2] == [8, 4] and sum(s for s in sizes if s <= 2) == 10  # 8 -> 4 + 4 -> 2 + 2 ...; then 2
+    sampled = SamplingConfig(k=4, temperature=1.0, max_new_tokens=8, batch_size=8)
+    a = generate(model, tok, prompts[:1], n=4, config=sampled)
+    b = generate(model, tok, prompts[:1], n=4, config=sampled)
+    assert ids(a) == ids(b)
+    assert len({tuple(g.token_ids) for g in a[0]}) > 1  # the halves do not share one random stream
+    one_row = SamplingConfig(k=1, temperature=0.0, max_new_tokens=6, batch_size=1)
+    monkeypatch.setattr(
+        model, "generate", lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("x"))
+    )
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(model, tok, prompts[:1], n=1, config=one_row)
+
+
 def test_hf_generate_settings(loaded, monkeypatch):
     model, tok = loaded
     seen = []
@@ -422,6 +456,7 @@ def test_vllm_plumbing_on_a_fake_engine(fake_vllm, model_dir, loaded, tmp_path):
         "seed": 4,
         "quantization": "awq",
         "enable_prefix_caching": True,
+        "max_model_len": max(len(encode_prompt(tok, p.question)) for p in problems) + 5,
     }
     assert len(llm.requests) == 15
     seeds = [sp.seed for _, sp in llm.requests]
