@@ -158,6 +158,7 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch):
         "effective_batch_size": 8,
         "learning_rate": 1e-3,
         "samples_per_problem": 0,
+        "rounds": 1,  # the demo's second round is covered by tests/test_rounds.py
     }
 
     def prepare():
