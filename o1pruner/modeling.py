@@ -310,6 +310,40 @@ def last_hidden_states(
     return out.last_hidden_state
 
 
+def autocast_dtype_for(bf16: bool, device: torch.device) -> torch.dtype | None:
+    """The compute dtype of training (and so of scoring): bf16 autocast on a GPU when ``bf16``, else None
+    (the weights' own dtype)."""
+    return torch.bfloat16 if bf16 and device.type == "cuda" else None
+
+
+def packed_forward(model, batch, autocast_dtype: torch.dtype | None = None):
+    """The decoder body over one packed row (``packing.PackedBatch`` on the model's device), as training
+    runs it; returns ``(hidden (T, H), lm_head weight (V, H))`` for the fused kernels.
+
+    ``autocast_dtype`` (bf16 on a GPU) runs the body under autocast without its weight cache (the cache
+    would keep a bf16 copy of every float32 trainable weight for the whole forward: 2 bytes per trainable
+    parameter) and casts the hidden states and the lm_head weight to it, as autocast would cast the lm_head
+    matmul (a float32 master lm_head would otherwise force a float32 GEMM over the vocabulary). Scoring
+    runs the same function, so the reference log-probs are the step-0 policy's.
+    """
+    from o1pruner.packing import packed_attention_kwargs
+
+    attn_kw = packed_attention_kwargs(
+        unwrap_model(model).config._attn_implementation, batch, autocast_dtype or lm_head_weight(model).dtype
+    )
+    with torch.autocast(
+        batch.input_ids.device.type,
+        dtype=autocast_dtype or torch.float32,
+        enabled=autocast_dtype is not None,
+        cache_enabled=False,
+    ):
+        hidden = last_hidden_states(model, batch.input_ids, **attn_kw)
+    weight = lm_head_weight(model)
+    if autocast_dtype is not None:
+        weight, hidden = weight.to(autocast_dtype), hidden.to(autocast_dtype)
+    return hidden[0], weight
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False) -> None:
     """Write the model + tokenizer to ``out_dir`` atomically (temp folder, rename) and mark it with ``DONE``.
 

@@ -111,6 +111,8 @@ class ScoringConfig:
     )
     seed: int = shared("seed", 0)
     system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
+    # The training compute dtype: reference log-probs under the same bf16 autocast as the policy's.
+    bf16: bool = shared("bf16", True)
     append_eos: bool = True
 
     def __post_init__(self) -> None:
@@ -168,63 +170,49 @@ def _model_device(model: Any):
         return torch.device("cpu")
 
 
-def plan_padded_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group sequence indices, longest first, into right-padded batches of at most ``batch_tokens``
-    padded tokens (rows x longest row); a sequence longer than the budget gets a batch of its own."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
 def compute_ref_logps(
     model: Any,
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     *,
     batch_tokens: int = 16384,
-    pad_id: int = 0,
     progress: bool = True,
+    autocast_dtype: Any = None,
 ) -> list[np.ndarray]:
     """log pi_ref(y_t | x, y_<t) of every response token, under ``model`` in eval mode, without grad.
 
     ``prompts[i]`` (P_i ids, P_i >= 1) and ``responses[i]`` (R_i ids). Returns one float32 array of shape
-    (R_i,) per sequence, in input order.
+    (R_i,) per sequence, in input order. The forward is the trainer's own (``modeling.packed_forward``:
+    sequences packed into rows of at most ``batch_tokens`` tokens, the same attention path, dtype and
+    ``autocast_dtype``), so at step 0 the importance ratio is 1.
     """
     import torch
 
     from o1pruner.kernels import linear_logprobs
-    from o1pruner.modeling import last_hidden_states, lm_head_weight
+    from o1pruner.modeling import packed_forward
+    from o1pruner.packing import build_example, collate_packed, plan_micro_batches
 
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     out: list[np.ndarray | None] = [None] * len(lengths)
     device = _model_device(model)
-    weight = lm_head_weight(model)
     was_training = model.training
     model.eval()
-    batches = plan_padded_batches(lengths, batch_tokens)
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="reference log-probs", unit="batch", disable=not progress):
-                width = lengths[batch[0]]
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-                for row, i in enumerate(batch):
+            groups = plan_micro_batches(lengths, batch_tokens, "ffd")
+            for group in tqdm(groups, desc="reference log-probs", unit="batch", disable=not progress):
+                examples = [
+                    build_example(prompts[i], responses[i], [0.0] * len(responses[i]), 0.0, row=i)
+                    for i in group
+                ]
+                batch = collate_packed(examples).to(device)
+                hidden, weight = packed_forward(model, batch, autocast_dtype)
+                logps = linear_logprobs(hidden, weight, batch.labels[0]).float().cpu().numpy()
+                start = 0
+                for i in group:
                     p, r = len(prompts[i]), len(responses[i])
-                    ids[row, : p + r] = torch.tensor(list(prompts[i]) + list(responses[i]), dtype=torch.long)
-                    mask[row, : p + r] = 1
-                    # position t predicts token t+1: the response tokens sit at labels[P-1 : P+R-1]
-                    labels[row, p - 1 : p + r - 1] = ids[row, p : p + r]
-                hidden = last_hidden_states(model, ids.to(device), attention_mask=mask.to(device))
-                logps = linear_logprobs(hidden, weight, labels.to(device)).float().cpu().numpy()
-                for row, i in enumerate(batch):
-                    p, r = len(prompts[i]), len(responses[i])
-                    out[i] = logps[row, p - 1 : p + r - 1].astype(np.float32, copy=True)
+                    out[i] = logps[start + p - 1 : start + p + r - 1].astype(np.float32, copy=True)
+                    start += p + r
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
@@ -340,13 +328,14 @@ def build_training_set(
 
     rewards = np.array([r["reward"] for r in rows], dtype=np.float64)
     advantages = np.asarray(postprocess_rewards(rewards, clip=config.clip, zscore=config.zscore), np.float64)
-    pad_id = getattr(tokenizer, "pad_token_id", None)
+    from o1pruner.modeling import autocast_dtype_for
+
     ref_logps = compute_ref_logps(
         model,
         [r["prompt_ids"] for r in rows],
         [r["response_ids"] for r in rows],
         batch_tokens=config.batch_tokens,
-        pad_id=int(pad_id) if pad_id is not None else 0,
+        autocast_dtype=autocast_dtype_for(config.bf16, _model_device(model)),
     )
     table = pa.Table.from_arrays(
         [

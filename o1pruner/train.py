@@ -32,14 +32,13 @@ import torch
 
 from . import checkpoint
 from .io import DataError, append_jsonl, atomic_write_text, read_jsonl
-from .modeling import last_hidden_states, lm_head_weight
+from .modeling import autocast_dtype_for, packed_forward
 from .options import bad_value, check_options, option, shared
 from .packing import (
     Example,
     PackedBatch,
     build_example,
     collate_packed,
-    packed_attention_kwargs,
     plan_micro_batches,
 )
 from .trackers import log_scalars, open_trackers
@@ -229,7 +228,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameter (was it loaded with mode='none'?)")
         self.device = self.named_params[0][1].device
         self.attn_implementation = _unwrap_config(model)._attn_implementation
-        self.autocast_dtype = torch.bfloat16 if (config.bf16 and self.device.type == "cuda") else None
+        self.autocast_dtype = autocast_dtype_for(config.bf16, self.device)
 
         self.steps_per_epoch = math.ceil(len(self.data) / config.effective_batch_size)
         self.total_steps = self.steps_per_epoch * config.num_epochs
@@ -285,27 +284,10 @@ class Trainer:
         from .kernels import linear_ppo_loss
 
         batch = batch.to(self.device)
-        attn_kw = packed_attention_kwargs(
-            self.attn_implementation, batch, self.autocast_dtype or lm_head_weight(self.model).dtype
-        )
-        # No weight cache: it would keep a bf16 copy of every float32 trainable weight for the whole
-        # forward (2 bytes per trainable parameter, 15 GB for a 7B full fine-tune).
-        with torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-            cache_enabled=False,
-        ):
-            hidden = last_hidden_states(self.model, batch.input_ids, **attn_kw)
-        weight = lm_head_weight(self.model)
-        if self.autocast_dtype is not None:
-            # What autocast does to the lm_head matmul (differentiable casts; the kernel accumulates in fp32).
-            # Without it a float32 master lm_head (full mode) would force a float32 GEMM over the vocab.
-            weight = weight.to(self.autocast_dtype)
-            hidden = hidden.to(self.autocast_dtype)
+        hidden, weight = packed_forward(self.model, batch, self.autocast_dtype)
         c = self.config
         return linear_ppo_loss(
-            hidden[0],
+            hidden,
             weight,
             batch.labels[0],
             batch.old_logps[0],

@@ -24,7 +24,6 @@ from o1pruner.scoring import (
     ScoringConfig,
     build_training_set,
     load_training_set,
-    plan_padded_batches,
     select_samples,
 )
 
@@ -295,13 +294,3 @@ def _schema():
     from o1pruner.scoring import SCHEMA
 
     return list(SCHEMA)
-
-
-def test_plan_padded_batches():
-    lengths = [5, 9, 3, 9, 20, 1]
-    batches = plan_padded_batches(lengths, 18)
-    assert sorted(i for b in batches for i in b) == list(range(6))
-    for b in batches:
-        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 18
-    assert batches[0] == [4]  # longer than the budget: alone
-    assert batches[1] == [1, 3]

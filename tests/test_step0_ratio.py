@@ -1,8 +1,9 @@
 """At step 0 the policy is the reference: the importance ratio must be exactly 1 and nothing clipped.
 
-The reference log-probs come from scoring (padded batches, no gradient) and the training ones from the
-trainer's packed forward with gradients; both run the same kernel arithmetic, so any mismatch (an eval-mode
-layout switch, a dtype or attention difference) shows here as a ratio off 1 or clipped tokens.
+The reference log-probs come from scoring (no gradient, eval mode) and the training ones from the trainer
+(gradients, train mode); both run ``modeling.packed_forward`` and the same kernel arithmetic, so any
+mismatch (an eval-mode layout switch, a dtype or attention difference) shows here as a ratio off 1 or
+clipped tokens.
 """
 
 from __future__ import annotations
