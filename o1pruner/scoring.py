@@ -45,7 +45,6 @@ from o1pruner.reward import length_harmonizing_reward, postprocess_rewards
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 SCHEMA = pa.schema(
     [

@@ -227,7 +227,6 @@ class Trainer:
         if not self.named_params:
             raise ValueError("the model has no trainable parameter (was it loaded with mode='none'?)")
         self.device = self.named_params[0][1].device
-        self.attn_implementation = _unwrap_config(model)._attn_implementation
         self.autocast_dtype = autocast_dtype_for(config.bf16, self.device)
 
         self.steps_per_epoch = math.ceil(len(self.data) / config.effective_batch_size)
@@ -421,12 +420,6 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore trainable weights, optimizer, scheduler, RNG states and the data position."""
         checkpoint.load_checkpoint(self, path)
-
-
-def _unwrap_config(model):
-    from .modeling import unwrap_model
-
-    return unwrap_model(model).config
 
 
 def _peak_memory_gb(device: torch.device) -> float:
