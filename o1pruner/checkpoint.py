@@ -1,7 +1,7 @@
 """Trainer checkpoints: ``checkpoints/step-N`` written atomically, and an exact restore from them.
 
-A checkpoint holds the trainable weights (safetensors), the optimizer, scheduler and RNG states and the
-data position; ``trainer_state.json`` is written last, so a folder without it is incomplete and ignored.
+A checkpoint holds the trainable weights (safetensors; with FSDP2, a sharded ``dcp/`` folder that any
+number of processes reads back), the optimizer, scheduler and RNG states and the data position; ``trainer_state.json`` is written last, so a folder without it is incomplete and ignored.
 ``checkpoints/last`` names the newest one.
 """
 
@@ -12,7 +12,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,12 +19,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from o1pruner import distributed, parallel
 from o1pruner.io import DataError, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from o1pruner.train import Trainer
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+SHARDED = "dcp"  # the torch.distributed.checkpoint folder of an FSDP2 checkpoint
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -41,50 +42,72 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def save_checkpoint(trainer: Trainer) -> Path:
-    """Write ``checkpoints/step-N`` atomically, then point ``checkpoints/last`` at it."""
+    """Write ``checkpoints/step-N`` atomically, then point ``checkpoints/last`` at it.
+
+    Every process calls it. Rank 0 writes the trainable weights and optimizer state (the same on every
+    DDP process); with FSDP2 every process writes its shards into ``dcp/`` (``torch.distributed.checkpoint``).
+    """
     from safetensors.torch import save_file
 
-    trainer.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    main = trainer.world.is_main
     name = f"step-{trainer.global_step}"
     final = trainer.checkpoint_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=trainer.checkpoint_dir))
+    tmp = trainer.checkpoint_dir / f".{name}.tmp"  # one name for all processes; a killed save's is replaced
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
     try:
-        save_file(
-            {n: p.detach().contiguous().cpu() for n, p in trainer.named_params},
-            tmp / "trainable.safetensors",
-        )
-        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
-        torch.save(rng, tmp / "rng.pt")
-        epoch, pos = divmod(trainer.global_step, trainer.steps_per_epoch)
-        state = {
-            "global_step": trainer.global_step,
-            "epoch": epoch,
-            "step_in_epoch": pos,
-            "order": trainer.epoch_order(epoch).tolist(),
-            "elapsed": trainer.elapsed,
-            "total_steps": trainer.total_steps,
-            "num_rows": len(trainer.data),
-            "config": asdict(trainer.config),
-        }
-        atomic_write_json(tmp / "trainer_state.json", state)  # written last: marks the folder complete
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if trainer.parallel == "fsdp":
+            parallel.save_sharded(trainer.policy, trainer.optimizer, tmp / SHARDED)
+            distributed.barrier()
+        elif main:
+            save_file(
+                {n: p.detach().contiguous().cpu() for n, p in trainer.named_params},
+                tmp / "trainable.safetensors",
+            )
+            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+        if main:
+            _save_loop_state(trainer, tmp)  # trainer_state.json last: marks the folder complete
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_text(trainer.checkpoint_dir / "last", name + "\n")
     finally:
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_text(trainer.checkpoint_dir / "last", name + "\n")
+    distributed.barrier()
     return final
+
+
+def _save_loop_state(trainer: Trainer, folder: Path) -> None:
+    """Scheduler, RNG states and ``trainer_state.json`` (the data position), the last one last."""
+    torch.save(trainer.scheduler.state_dict(), folder / "scheduler.pt")
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    torch.save(rng, folder / "rng.pt")
+    epoch, pos = divmod(trainer.global_step, trainer.steps_per_epoch)
+    state = {
+        "global_step": trainer.global_step,
+        "epoch": epoch,
+        "step_in_epoch": pos,
+        "order": trainer.epoch_order(epoch).tolist(),
+        "elapsed": trainer.elapsed,
+        "total_steps": trainer.total_steps,
+        "num_rows": len(trainer.data),
+        "world_size": trainer.world.size,
+        "parallel": trainer.parallel,
+        "config": asdict(trainer.config),
+    }
+    atomic_write_json(folder / "trainer_state.json", state)
 
 
 def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
@@ -100,14 +123,21 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
         )
     if state["order"] != trainer.epoch_order(state["epoch"]).tolist():
         raise ValueError(f"{path}: data order differs from this run's (different seed?)")
-    weights = load_file(path / "trainable.safetensors")
-    names = {n for n, _ in trainer.named_params}
-    if set(weights) != names:
-        raise ValueError(f"{path}: trainable parameters differ: {sorted(set(weights) ^ names)[:5]}")
-    with torch.no_grad():
-        for n, p in trainer.named_params:
-            p.copy_(weights[n].to(p.device, p.dtype))
-    trainer.optimizer.load_state_dict(load_state(path / "optimizer.pt", map_location=trainer.device))
+    if (path / SHARDED).is_dir():  # read into any layout: FSDP2 on any number of processes, DDP, one
+        parallel.load_sharded(trainer.policy, trainer.optimizer, path / SHARDED)
+    elif trainer.parallel == "fsdp":
+        raise ValueError(
+            f"{path}: a checkpoint written without --fsdp resumes without it (on any number of processes)"
+        )
+    else:
+        weights = load_file(path / "trainable.safetensors")
+        names = {n for n, _ in trainer.named_params}
+        if set(weights) != names:
+            raise ValueError(f"{path}: trainable parameters differ: {sorted(set(weights) ^ names)[:5]}")
+        with torch.no_grad():
+            for n, p in trainer.named_params:
+                p.copy_(weights[n].to(p.device, p.dtype))
+        trainer.optimizer.load_state_dict(load_state(path / "optimizer.pt", map_location=trainer.device))
     trainer.scheduler.load_state_dict(load_state(path / "scheduler.pt"))
     rng = load_state(path / "rng.pt")
     random.setstate(rng["python"])

@@ -266,9 +266,11 @@ def run_command(command: str, args: argparse.Namespace) -> None:
         if not plan.fits():
             raise ConfigError(plan.error_message())
         return
+    from o1pruner import distributed
     from o1pruner.pipeline import Pipeline
 
     Pipeline(config_from_args(args)).run(STAGES if command == "run" else [command])
+    distributed.shutdown()  # under a launcher: every process leaves together
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

@@ -66,6 +66,7 @@ class EvalConfig:
     seed: int = shared("seed", 0)
     gpu_memory_utilization: float | None = shared("gpu_memory_utilization", None)
     quantization: str | None = shared("quantization", None)
+    tensor_parallel_size: int = shared("vllm_tensor_parallel_size", 1)
     # Not an option: a LoRA adapter folder that vLLM serves on top of the model (the tuned evaluation).
     lora_path: str | None = None
 
@@ -89,6 +90,7 @@ class EvalConfig:
             "system_prompt": self.system_prompt,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "quantization": self.quantization,
+            "tensor_parallel_size": self.tensor_parallel_size,
             "lora_path": self.lora_path,
         }
         known = {f.name for f in fields(SamplingConfig)}
@@ -113,6 +115,7 @@ def evaluate_model(
     out_path: str | os.PathLike | None = None,
     *,
     desc: str = "eval",
+    done_paths: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Generate, grade and measure responses to ``problems``.
 
@@ -122,6 +125,8 @@ def evaluate_model(
             optional ``level``).
         out_path: per-response JSON-lines file; records already there (same problem id and sample index)
             are reused, so a rerun only generates the missing ones.
+        done_paths: more such files (other processes' logs) whose records count as done; they are read,
+            never written.
 
     Returns:
         ``{"accuracy", "mean_length", "median_length", "num_problems", "num_responses",
@@ -137,8 +142,8 @@ def evaluate_model(
         raise ValueError(f"evaluation problems: duplicate problem id {dup!r}")
 
     done: dict[tuple[str, int], dict] = {}
-    if out_path is not None and os.path.exists(out_path):
-        for rec in read_jsonl(out_path, tolerate_partial_tail=True):
+    for path in [p for p in (out_path, *done_paths) if p is not None and os.path.exists(p)]:
+        for rec in read_jsonl(path, tolerate_partial_tail=True):
             done.setdefault((str(rec.get("problem_id")), int(rec.get("sample_index", 0))), rec)
 
     todo = [p for p in problems if any((str(_attr(p, "id")), j) not in done for j in range(n))]

@@ -137,7 +137,10 @@ def load_model(
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:  # this process's GPU under a launcher (cuda:LOCAL_RANK)
+        from o1pruner.distributed import world
+
+        device = str(world().device())
     dtype = _resolve_dtype(torch_dtype, device)
     attn = attn_implementation or default_attn_implementation()
     if attn == VARLEN_SDPA:
@@ -344,13 +347,16 @@ def packed_forward(model, batch, autocast_dtype: torch.dtype | None = None):
     return hidden[0], weight
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False) -> None:
+def save_model(
+    model, tokenizer, out_dir: str | os.PathLike, merge: bool = False, state_dict: dict | None = None
+) -> None:
     """Write the model + tokenizer to ``out_dir`` atomically (temp folder, rename) and mark it with ``DONE``.
 
     A peft model saves its adapter (loadable by ``PeftModel.from_pretrained`` and by ``load_model``) unless
     ``merge``: then the base is reloaded unquantised on the CPU in the model's 16-bit dtype, the adapter
     merged into it, and full weights written; the live model is left untouched. Full/freeze models write
     full weights, trainable float32 masters cast back to the dtype of the rest of the model.
+    ``state_dict``: the model's tensors when ``model`` does not hold them whole (gathered from FSDP2 shards).
     """
     from peft import PeftModel
 
@@ -358,24 +364,25 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, merge: bool = False
         info: dict = {"merged": False, "adapter": False}
         if isinstance(model, PeftModel):
             if merge:
-                _save_merged(model, tmp)
+                _save_merged(model, tmp, state_dict)
                 info["merged"] = True
             else:
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, state_dict=state_dict)
                 _canonical_adapter_config(tmp / "adapter_config.json")
                 info["adapter"] = True
         else:
             target = _config_dtype(model)
-            state = None
-            if any(p.dtype != target for p in model.parameters() if p.is_floating_point()):
+            state = state_dict
+            source = state_dict if state_dict is not None else model.state_dict()
+            if any(v.dtype != target for v in source.values() if v.is_floating_point()):
                 # float32 masters (full/freeze) go back to the dtype the model was loaded in
                 state, cast = {}, {}
-                for k, v in model.state_dict().items():
+                for k, v in source.items():
                     if v.is_floating_point():  # tied tensors stay one tensor
                         v = cast.setdefault(v.data_ptr(), v.to(target))
                     state[k] = v
             model.save_pretrained(tmp, state_dict=state)
-            if state is not None:  # save_pretrained records the masters' float32 as the config dtype
+            if state is not None and state is not state_dict:  # save_pretrained records the masters' float32 as the config dtype
                 cfg_path = tmp / "config.json"
                 cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
                 cfg["dtype"] = str(target).removeprefix("torch.")
@@ -416,10 +423,10 @@ def _config_dtype(model) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def _save_merged(model, out: Path) -> None:
+def _save_merged(model, out: Path, state_dict: dict | None = None) -> None:
     base_name = model.peft_config[model.active_adapter].base_model_name_or_path
     with tempfile.TemporaryDirectory(dir=out.parent) as adapter_dir:
-        model.save_pretrained(adapter_dir)
+        model.save_pretrained(adapter_dir, state_dict=state_dict)
         _merge_into_base(base_name, adapter_dir, _config_dtype(model), out)
 
 

@@ -1,4 +1,8 @@
-"""The O1-Pruner pipeline on one GPU: sample -> score -> train -> eval, resumable in a run directory.
+"""The O1-Pruner pipeline: sample -> score -> train -> eval, resumable in a run directory.
+
+One process by default; under ``torchrun`` / ``accelerate launch`` every stage runs on all processes
+(generation and scoring split the problems, training is DDP or FSDP2; see :mod:`o1pruner.distributed`
+and docs/multi-gpu.md), and rank 0 writes the run directory's shared files.
 
 The run directory's layout is in :mod:`o1pruner.rundir` (and docs/architecture.md). Before the first model
 load, :meth:`Pipeline.preflight` checks every input (the model path or name, the output directory, every
@@ -20,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from o1pruner import distributed
 from o1pruner.config import STAGES, ConfigError, PipelineConfig
 from o1pruner.io import DataError, atomic_write_text
 from o1pruner.modeling import free_memory
@@ -131,8 +136,9 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, *, log: Callable[[str], None] = log_progress):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
-        self.log = log
-        self.models = LoadedModel(cfg, self.run_dir, log)
+        self.world = distributed.world()
+        self.log = log if self.world.is_main else (lambda msg: None)  # rank 0 speaks for all
+        self.models = LoadedModel(cfg, self.run_dir, self.log)
         self._train_problems = None
         self._eval_problems = None
 
@@ -178,6 +184,13 @@ class Pipeline:
             self.train_problems()
         if "eval" in stages and self.has_eval_set():
             self.eval_problems()
+        tp = self.cfg.vllm_tensor_parallel_size
+        if self.world.size % tp:
+            raise ConfigError(
+                f"vllm_tensor_parallel_size={tp} does not divide the {self.world.size} processes of this "
+                "launch (each vLLM engine spans that many processes)",
+                key="vllm_tensor_parallel_size",
+            )
         return notes
 
     def prepare(self, notes: Sequence[str] = ()) -> None:
@@ -274,7 +287,12 @@ class Pipeline:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-        self.prepare(self.preflight(stages))
+        distributed.init()
+        with distributed.main_first() as main:  # rank 0 writes config.yaml and the problem files
+            if main:
+                self.prepare(self.preflight(stages))
+        if not self.world.is_main:
+            self.preflight(stages)  # reads what rank 0 wrote
         self.check_memory_plan(stages)
         self.log(
             f"backends: sampling {self.cfg.sampling_backend}, evaluation {self.cfg.eval_backend} "
@@ -304,7 +322,9 @@ class Pipeline:
                 self.models.release()
                 rounds.run_rounds(self)
             if do_eval:
-                result = report.run(self, base_eval, tuned_eval)
+                with distributed.main_first() as main:
+                    if main:
+                        result = report.run(self, base_eval, tuned_eval)
             elif "eval" in stages:
                 self.log(
                     f"no evaluation done: no --eval-dataset given; the tuned model is in {self.path('model')}"

@@ -93,6 +93,14 @@ class SamplingConfig:
     quantization: str | None = option(
         None, "vLLM: weight quantization (e.g. bitsandbytes, fp8).", stage="sample"
     )
+    tensor_parallel_size: int = option(
+        1,
+        "vLLM: GPUs one engine spans (tensor parallel), for models that do not fit one GPU; under torchrun "
+        "the processes form WORLD_SIZE / this many data-parallel engines.",
+        stage=None,
+        key="vllm_tensor_parallel_size",
+        range="[1,)",
+    )
     seed: int = shared("seed", 0)
     system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
     # Not an option: the evaluation stage sets it to the tuned adapter that vLLM serves on the base model.
@@ -270,7 +278,7 @@ def _hf_generate_batch(
             gen
             for part, rows in enumerate((prompts[:half], prompts[half:]))
             for gen in _hf_generate_batch(
-                model, tokenizer, rows, config, _child_seed(seed, part), eos_ids, pad_id
+                model, tokenizer, rows, config, child_seed(seed, part), eos_ids, pad_id
             )
         ]
     finally:
@@ -283,8 +291,9 @@ def _hf_generate_batch(
     return gens
 
 
-def _child_seed(seed: int, part: int) -> int:
-    """A seed for part ``part`` of a split batch, distinct from every ``seed + b`` of the unsplit ones."""
+def child_seed(seed: int, part: int) -> int:
+    """A seed derived from ``seed`` for part ``part`` (of a split batch, or one process's shard of a
+    stage), distinct from every ``seed + b`` of the unsplit ones."""
     import numpy as np
 
     return int(np.random.SeedSequence([seed, part]).generate_state(1)[0])
@@ -496,10 +505,13 @@ def sample_problems(
     tokenizer: Any,
     out_path: str | os.PathLike,
     config: SamplingConfig,
+    *,
+    done_paths: Sequence[str | os.PathLike] = (),
 ) -> list[dict]:
     """Draw ``config.k`` graded samples per problem into ``out_path`` (``samples.jsonl``), resumably.
 
-    Pairs (problem_id, sample_index) already in ``out_path`` are skipped. Work runs in batches of whole
+    Pairs (problem_id, sample_index) already in ``out_path`` or in a file of ``done_paths`` (another
+    process's log) are skipped. Work runs in batches of whole
     pairs; each finished batch is graded with ``is_correct`` and appended with one fsync. Problems are
     taken longest prompt first. Returns the records of ``problems`` (old and new), in problem order then
     sample index. ``tokenizer`` may be None when ``model_or_path`` is a path (loaded from there).
@@ -513,8 +525,8 @@ def sample_problems(
         by_id[p.id] = p
     out_path = Path(out_path)
     done: dict[tuple[str, int], dict] = {}
-    if out_path.exists():
-        for rec in read_samples(out_path):
+    for path in [out_path, *map(Path, done_paths)]:
+        for rec in read_samples(path) if path.exists() else ():
             if rec["problem_id"] in by_id and rec["sample_index"] < config.k:
                 done[(rec["problem_id"], rec["sample_index"])] = rec
 

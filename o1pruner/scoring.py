@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from o1pruner import distributed
 from o1pruner.io import DataError, atomic_path
 from o1pruner.options import bad_value, check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT, encode_prompt
@@ -177,13 +178,15 @@ def compute_ref_logps(
     batch_tokens: int = 16384,
     progress: bool = True,
     autocast_dtype: Any = None,
-) -> list[np.ndarray]:
+    shard: tuple[int, int] = (0, 1),
+) -> list[np.ndarray | None]:
     """log pi_ref(y_t | x, y_<t) of every response token, under ``model`` in eval mode, without grad.
 
     ``prompts[i]`` (P_i ids, P_i >= 1) and ``responses[i]`` (R_i ids). Returns one float32 array of shape
     (R_i,) per sequence, in input order. The forward is the trainer's own (``modeling.packed_forward``:
     sequences packed into rows of at most ``batch_tokens`` tokens, the same attention path, dtype and
-    ``autocast_dtype``), so at step 0 the importance ratio is 1.
+    ``autocast_dtype``), so at step 0 the importance ratio is 1. ``shard=(r, W)`` computes only the
+    packed batches ``r, r + W, ...`` (one process of W); the other sequences' entries are None.
     """
     import torch
 
@@ -198,7 +201,7 @@ def compute_ref_logps(
     model.eval()
     try:
         with torch.no_grad():
-            groups = plan_micro_batches(lengths, batch_tokens, "ffd")
+            groups = plan_micro_batches(lengths, batch_tokens, "ffd")[shard[0] :: shard[1]]
             for group in tqdm(groups, desc="reference log-probs", unit="batch", disable=not progress):
                 examples = [
                     build_example(prompts[i], responses[i], [0.0] * len(responses[i]), 0.0, row=i)
@@ -236,12 +239,13 @@ def build_training_set(
     tokenizer: Any,
     out_path: str | os.PathLike | None,
     config: ScoringConfig,
-) -> pa.Table:
+) -> pa.Table | None:
     """Score pre-samples and write ``scored.parquet`` atomically (columns: ``COLUMNS``, see docs/architecture.md).
 
     ``samples``: records as written by ``sample_problems`` (or the path of ``samples.jsonl``). ``model``:
     the frozen reference model (or a path, loaded with ``modeling.load_model(mode="none")``). Rows are in
-    problem order, then sample index. Raises DataError for a sample of an unknown problem, a duplicated
+    problem order, then sample index. Under a launcher every process scores its share of the reference
+    log-probs and rank 0 writes and returns the table (None on the other ranks). Raises DataError for a sample of an unknown problem, a duplicated
     (problem_id, sample_index), a malformed record, or when nothing is left to train on.
     """
     config.validate()
@@ -329,13 +333,22 @@ def build_training_set(
     advantages = np.asarray(postprocess_rewards(rewards, clip=config.clip, zscore=config.zscore), np.float64)
     from o1pruner.modeling import autocast_dtype_for
 
+    w = distributed.world()
     ref_logps = compute_ref_logps(
         model,
         [r["prompt_ids"] for r in rows],
         [r["response_ids"] for r in rows],
         batch_tokens=config.batch_tokens,
         autocast_dtype=autocast_dtype_for(config.bf16, _model_device(model)),
+        shard=(w.rank, w.size),
     )
+    if w.distributed:  # every rank scored its share of the packed batches; rank 0 writes the table
+        parts = distributed.gather_to_main({i: a for i, a in enumerate(ref_logps) if a is not None})
+        if parts is None:
+            return None
+        for part in parts:
+            for i, a in part.items():
+                ref_logps[i] = a
     table = pa.Table.from_arrays(
         [
             pa.array([r["problem_id"] for r in rows], pa.string()),

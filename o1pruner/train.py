@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed, parallel
 from .io import DataError, append_jsonl, atomic_write_text, read_jsonl
-from .modeling import autocast_dtype_for, packed_forward
+from .modeling import autocast_dtype_for
 from .options import bad_value, check_options, option, shared
 from .packing import (
     Example,
@@ -112,6 +112,12 @@ class TrainConfig:
         stage="train",
         key="kernel_backend",
         choices=KERNEL_BACKENDS,
+    )
+    fsdp: bool = option(
+        False,
+        "Under torchrun / accelerate launch: shard weights, gradients and optimizer states across the "
+        "processes (FSDP2) instead of data parallel (DDP). full, freeze and lora modes.",
+        stage=None,
     )
     seed: int = shared("seed", 0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -211,7 +217,12 @@ def _read_table(train_set):
 
 
 class Trainer:
-    """Single-device O1-Pruner trainer. ``output_dir`` gets ``metrics.jsonl`` and ``checkpoints/``."""
+    """The O1-Pruner trainer. ``output_dir`` gets ``metrics.jsonl`` and ``checkpoints/``.
+
+    One process trains on its device. Under ``torchrun`` / ``accelerate launch`` every process packs its
+    share of each step's rows, and DDP (or FSDP2 with ``config.fsdp``, see :mod:`o1pruner.parallel`)
+    averages the gradients, weighted so that the update is the one-process update of the same step.
+    """
 
     def __init__(self, model, train_set, config: TrainConfig, output_dir: str | os.PathLike):
         from transformers import get_scheduler
@@ -223,11 +234,14 @@ class Trainer:
         self.data = TrainingRows(table, source)
         config.validate()  # a config mutated after construction is still checked
 
-        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not self.named_params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameter (was it loaded with mode='none'?)")
-        self.device = self.named_params[0][1].device
-        self.autocast_dtype = autocast_dtype_for(config.bf16, self.device)
+        self.world = distributed.world()
+        self.device = next(p for p in model.parameters() if p.requires_grad).device
+        self.parallel = parallel.parallel_mode(config.fsdp)
+        self.policy = parallel.PolicyLoss(model, config, autocast_dtype_for(config.bf16, self.device))
+        self.engine = parallel.wrap(self.policy, self.parallel)  # FSDP2 shards the parameters in place
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
         self.steps_per_epoch = math.ceil(len(self.data) / config.effective_batch_size)
         self.total_steps = self.steps_per_epoch * config.num_epochs
@@ -243,6 +257,15 @@ class Trainer:
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self._writers: list = []
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16 on a GPU with ``bf16``; None (the weights' own dtype) otherwise."""
+        return self.policy.autocast_dtype
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, dtype: torch.dtype | None) -> None:
+        self.policy.autocast_dtype = dtype
 
     # ------------------------------------------------------------------------------------------ setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -280,54 +303,56 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ compute
     def micro_batch_loss(self, batch: PackedBatch):
         """Forward one packed micro-batch: decoder body, then the fused PPO loss. Returns PPOLossOutput."""
-        from .kernels import linear_ppo_loss
-
-        batch = batch.to(self.device)
-        hidden, weight = packed_forward(self.model, batch, self.autocast_dtype)
-        c = self.config
-        return linear_ppo_loss(
-            hidden,
-            weight,
-            batch.labels[0],
-            batch.old_logps[0],
-            batch.advantages[0],
-            seq_ids=batch.seq_ids[0],
-            importance_level=c.importance_level,
-            clip_low=c.clip_low,
-            clip_high=c.clip_high,
-            reduction=c.reduction,
-            backend=c.backend,
-            return_entropy=True,
-        )
+        return self.engine(batch.to(self.device))
 
     def forward_backward(self, rows: list[int]) -> dict:
-        """Accumulate the gradient of the loss over all ``rows``; returns step metrics (no optimizer step)."""
-        batches = self.micro_batches(rows)
+        """Accumulate the gradient of the loss over all ``rows``; returns step metrics (no optimizer step).
+
+        Each process takes its share ``rows[rank::world]``. A micro-batch's loss is weighted by its share
+        of the step's sequences (of its valid tokens for token-level ``token_mean``) over all processes,
+        times the number of processes (DDP and FSDP average gradients), so the summed gradient is the
+        one-process gradient. Processes run the same number of micro-batches (zero-weight repeats fill
+        up a short share): every forward and backward of DDP/FSDP is collective.
+        """
+        w = self.world
+        batches = self.micro_batches(rows[w.rank :: w.size])
         by_token = self.config.importance_level == "token"
         token_weighted_loss = by_token and self.config.reduction == "token_mean"
-        n_seq = sum(b.num_sequences for b in batches)
-        n_valid = sum(b.num_valid_tokens() for b in batches)
-        loss = clip = ratio = 0.0
-        entropy = 0.0
-        for b in batches:
-            seq_share = b.num_sequences / n_seq
-            tok_share = b.num_valid_tokens() / n_valid
-            out = self.micro_batch_loss(b)
-            w = tok_share if token_weighted_loss else seq_share
-            (out.loss * w).backward()
-            loss += float(out.loss.detach()) * w
+        n_seq, n_valid = distributed.all_sum(
+            [sum(b.num_sequences for b in batches), sum(b.num_valid_tokens() for b in batches)]
+        )
+        n_real = len(batches)
+        if w.distributed:
+            filler = batches[:1] or self.micro_batches(rows[:1])
+            batches += filler * (distributed.all_max(n_real) - n_real)
+        loss = clip = ratio = entropy = 0.0
+        for j, b in enumerate(batches):
+            real = j < n_real
+            seq_share = b.num_sequences / n_seq if real else 0.0
+            tok_share = b.num_valid_tokens() / n_valid if real else 0.0
+            with parallel.gradient_sync(self.engine, self.parallel, sync=j == len(batches) - 1):
+                out = self.micro_batch_loss(b)
+                w_loss = tok_share if token_weighted_loss else seq_share
+                (out.loss * (w_loss * w.size)).backward()
+            if not real:
+                continue
+            loss += float(out.loss.detach()) * w_loss
             clip += float(out.clip_fraction) * (tok_share if by_token else seq_share)
             ratio += float(out.mean_ratio) * seq_share
             # Mean policy entropy over valid tokens (0.0 at ignored ones), watched for collapse.
             entropy += float(out.entropy.sum()) / n_valid
+        real = batches[:n_real]
+        loss, clip, ratio, entropy, n_tokens, n_micro = distributed.all_sum(
+            [loss, clip, ratio, entropy, sum(b.num_tokens for b in real), n_real]
+        )
         return {
             "loss": loss,
             "clip_fraction": clip,
             "mean_ratio": ratio,
             "entropy": entropy,
-            "num_sequences": n_seq,
-            "num_tokens": sum(b.num_tokens for b in batches),
-            "num_micro_batches": len(batches),
+            "num_sequences": int(n_seq),
+            "num_tokens": int(n_tokens),
+            "num_micro_batches": int(n_micro),
         }
 
     # ------------------------------------------------------------------------------------------ loop
@@ -339,7 +364,14 @@ class Trainer:
         self._start(resume)
         last = self.total_steps if c.max_steps is None else min(self.total_steps, c.max_steps)
         self.model.train()
-        bar = tqdm(total=last, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=last,
+            initial=self.global_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.world.is_main,
+        )
         try:
             while self.global_step < last:
                 t0 = time.perf_counter()
@@ -349,7 +381,7 @@ class Trainer:
                 m = self.forward_backward(self.step_rows(self.global_step))
                 params = [p for _, p in self.named_params]
                 max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -372,7 +404,8 @@ class Trainer:
                     "num_tokens": m["num_tokens"],
                     "num_micro_batches": m["num_micro_batches"],
                 }
-                if self.global_step % max(1, c.logging_every) == 0 or self.global_step == last:
+                log_now = self.global_step % max(1, c.logging_every) == 0 or self.global_step == last
+                if log_now and self.world.is_main:
                     append_jsonl(self.metrics_path, [row])
                     log_scalars(self._writers, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", clip=f"{row['clip_fraction']:.3f}")
@@ -393,20 +426,22 @@ class Trainer:
             self.load_checkpoint(ckpt)
             log.info("resumed from %s (step %d)", ckpt, self.global_step)
         else:
-            if not resume and self.checkpoint_dir.exists():
+            if not resume and self.checkpoint_dir.exists() and self.world.is_main:
                 log.warning("resume=False: removing the old checkpoints in %s", self.checkpoint_dir)
                 shutil.rmtree(self.checkpoint_dir)
             # Dropout and any other draw start from the seed, not from whatever ran before in this process.
             seed_everything(self.config.seed)
         # Drop metric rows past the restored step: they will be recomputed, identically.
-        if self.metrics_path.exists():
+        if self.metrics_path.exists() and self.world.is_main:
             rows = [
                 r
                 for r in read_jsonl(self.metrics_path, tolerate_partial_tail=True)
                 if r.get("step", 0) <= self.global_step
             ]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        self._writers = open_trackers(self.config.report_to, self.output_dir, asdict(self.config))
+        distributed.barrier()
+        if self.world.is_main:
+            self._writers = open_trackers(self.config.report_to, self.output_dir, asdict(self.config))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:

@@ -81,10 +81,43 @@ def engine_kwargs(path: str | os.PathLike, config: Any, longest_prompt: int | No
         needed = int(longest_prompt) + int(config.max_new_tokens)
         limit = _model_max_len(path)
         kwargs["max_model_len"] = needed if limit is None else min(needed, limit)
+    kwargs.update(parallel_kwargs(int(getattr(config, "tensor_parallel_size", 1))))
     if getattr(config, "lora_path", None):
         rank = adapter_config(config.lora_path)["r"]
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank(rank))
     return kwargs
+
+
+def parallel_kwargs(tensor_parallel_size: int, world_size: int | None = None) -> dict[str, Any]:
+    """The engine's parallel layout: ``tensor_parallel_size`` GPUs per engine; under a launcher with
+    ``world_size`` processes, vLLM joins the launcher's processes (``external_launcher``) as
+    ``world_size / tensor_parallel_size`` data-parallel engines (each fed its own share of the prompts)."""
+    if world_size is None:
+        from o1pruner.distributed import world
+
+        world_size = world().size
+    tp = int(tensor_parallel_size)
+    if world_size <= 1:
+        return {"tensor_parallel_size": tp} if tp > 1 else {}
+    if world_size % tp:
+        raise ValueError(
+            f"vllm_tensor_parallel_size={tp} does not divide the {world_size} processes of this launch"
+        )
+    return {
+        "tensor_parallel_size": tp,
+        "data_parallel_size": world_size // tp,
+        "distributed_executor_backend": "external_launcher",
+    }
+
+
+def data_parallel_rank(tensor_parallel_size: int) -> tuple[int, int]:
+    """``(data-parallel rank, data-parallel size)`` of this process: the ranks of one tensor-parallel
+    engine share one shard of the prompts."""
+    from o1pruner.distributed import world
+
+    w = world()
+    tp = max(1, int(tensor_parallel_size))
+    return w.rank // tp, max(1, w.size // tp)
 
 
 def _model_max_len(path: str | os.PathLike) -> int | None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 CHAT_TEMPLATE = (
@@ -111,3 +114,50 @@ def _stop_sometimes(model, eos_id: int, stop_prob: float, seed: int) -> None:
         head = model.get_output_embeddings().weight
         others = math.log(head.shape[0] - 1)  # the other logits are ~0: log-sum-exp ~ log(V - 1)
         head[eos_id] = u * (math.log(stop_prob / (1 - stop_prob)) + others) / proj
+
+
+def make_scored(path, model, n=11, seed=0, noise=0.3):
+    """A small scored.parquet with the documented columns; ref_logps = the model's own log-probs + noise
+    (so ratios differ from 1 and some get clipped), awkward lengths, one advantage per row."""
+    rng = np.random.default_rng(seed)
+    v = model.config.vocab_size
+    cols = {
+        k: []
+        for k in (
+            "problem_id",
+            "sample_index",
+            "prompt_ids",
+            "response_ids",
+            "ref_logps",
+            "length",
+            "correct",
+            "ref_mean_length",
+            "ref_accuracy",
+            "reward",
+            "advantage",
+        )
+    }
+    for i in range(n):
+        prompt = rng.integers(7, v, size=int(rng.integers(1, 6))).tolist()
+        resp = rng.integers(7, v, size=int(rng.integers(1, 13))).tolist()
+        ids = torch.tensor([prompt + resp])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
+        p = len(prompt)
+        lp = logp[p - 1 : -1].gather(-1, ids[0, p:, None])[:, 0].numpy()
+        lp = lp + rng.normal(0.0, noise, size=lp.shape)
+        cols["problem_id"].append(f"p{i // 2}")
+        cols["sample_index"].append(i % 2)
+        cols["prompt_ids"].append(prompt)
+        cols["response_ids"].append(resp)
+        cols["ref_logps"].append(lp.astype(np.float32).tolist())
+        cols["length"].append(len(resp))
+        cols["correct"].append(bool(i % 3))
+        cols["ref_mean_length"].append(6.0)
+        cols["ref_accuracy"].append(0.5)
+        cols["reward"].append(float(rng.normal()))
+        cols["advantage"].append(float(rng.normal()))
+    from o1pruner.scoring import SCHEMA
+
+    pq.write_table(pa.table(cols, schema=SCHEMA), path)
+    return path

@@ -262,7 +262,18 @@ def test_every_option_reaches_the_code_that_uses_it():
     consumer's code reads that field: a declared option cannot silently be a no-op (as max_steps was)."""
     import inspect
 
-    from o1pruner import evaluate, memory_plan, modeling, pipeline, sampling, scoring, stages, train
+    from o1pruner import (
+        evaluate,
+        memory_plan,
+        modeling,
+        parallel,
+        pipeline,
+        sampling,
+        scoring,
+        stages,
+        train,
+        vllm_engine,
+    )
     from o1pruner.stages import evaluate as eval_stage
     from o1pruner.stages import report, sample, score
     from o1pruner.stages import train as train_stage
@@ -274,9 +285,9 @@ def test_every_option_reaches_the_code_that_uses_it():
         "run": driver + inspect.getsource(memory_plan),  # card, num_gpus: read by the memory plan
         "model_config": driver + inspect.getsource(ModelConfig.load_kwargs),
         "data": driver,
-        "sampling": inspect.getsource(sampling),
+        "sampling": inspect.getsource(sampling) + inspect.getsource(vllm_engine),
         "scoring": inspect.getsource(scoring),
-        "training": inspect.getsource(train),
+        "training": inspect.getsource(train) + inspect.getsource(parallel),
         "evaluation": inspect.getsource(evaluate) + inspect.getsource(sampling),
     }
     needs = {"freeze_last_n_layers": {"mode": "freeze"}, "eval_backend": {"merge": "true"}}

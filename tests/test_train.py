@@ -11,12 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import make_tiny_model
+from helpers import make_scored, make_tiny_model
 
 from o1pruner.io import DataError, read_jsonl
 from o1pruner.modeling import last_hidden_states, lm_head_weight, load_model
 from o1pruner.packing import collate_padded
-from o1pruner.scoring import SCHEMA
 from o1pruner.train import TrainConfig, Trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,52 +34,6 @@ def _load(path, mode="full", **kw):
     return load_model(
         str(path), mode=mode, device="cpu", torch_dtype="float32", lora_r=4, lora_alpha=8, **kw
     )[0]
-
-
-def make_scored(path, model, n=11, seed=0, noise=0.3):
-    """A small scored.parquet with the documented columns; ref_logps = the model's own log-probs + noise
-    (so ratios differ from 1 and some get clipped), awkward lengths, one advantage per row."""
-    rng = np.random.default_rng(seed)
-    v = model.config.vocab_size
-    cols = {
-        k: []
-        for k in (
-            "problem_id",
-            "sample_index",
-            "prompt_ids",
-            "response_ids",
-            "ref_logps",
-            "length",
-            "correct",
-            "ref_mean_length",
-            "ref_accuracy",
-            "reward",
-            "advantage",
-        )
-    }
-    for i in range(n):
-        prompt = rng.integers(7, v, size=int(rng.integers(1, 6))).tolist()
-        resp = rng.integers(7, v, size=int(rng.integers(1, 13))).tolist()
-        ids = torch.tensor([prompt + resp])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
-        p = len(prompt)
-        lp = logp[p - 1 : -1].gather(-1, ids[0, p:, None])[:, 0].numpy()
-        lp = lp + rng.normal(0.0, noise, size=lp.shape)
-        cols["problem_id"].append(f"p{i // 2}")
-        cols["sample_index"].append(i % 2)
-        cols["prompt_ids"].append(prompt)
-        cols["response_ids"].append(resp)
-        cols["ref_logps"].append(lp.astype(np.float32).tolist())
-        cols["length"].append(len(resp))
-        cols["correct"].append(bool(i % 3))
-        cols["ref_mean_length"].append(6.0)
-        cols["ref_accuracy"].append(0.5)
-        cols["reward"].append(float(rng.normal()))
-        cols["advantage"].append(float(rng.normal()))
-    schema = SCHEMA
-    pq.write_table(pa.table(cols, schema=schema), path)
-    return path
 
 
 @pytest.fixture(scope="module")

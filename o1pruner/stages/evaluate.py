@@ -6,7 +6,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from o1pruner.io import atomic_write_json
+from o1pruner import distributed
+from o1pruner.io import atomic_write_json, read_jsonl
 
 if TYPE_CHECKING:
     from o1pruner.pipeline import Pipeline
@@ -28,6 +29,7 @@ def evaluate(
     import json
 
     from o1pruner.evaluate import evaluate_model
+    from o1pruner.stages.sample import generation_shard
 
     out = p.path(f"eval/{name}.json")
     if p.is_complete(f"eval {name}", f"eval/{name}.json"):
@@ -41,16 +43,21 @@ def evaluate(
     else:
         model = get_model()
     p.log(f"eval {name}: {len(problems)} problems (backend {config.backend})")
-    result = evaluate_model(
-        model,
-        p.models.tokenizer(),
-        problems,
-        config,
-        out_path=p.path(f"eval/{name}_responses.jsonl"),
-        desc=f"eval {name}",
-    )
-    atomic_write_json(out, result)
-    return result
+    responses = p.path(f"eval/{name}_responses.jsonl")
+    tokenizer = p.models.tokenizer()
+    shard_config, dp = generation_shard(p, config)
+
+    def work(shard, out_path, done_paths) -> None:
+        evaluate_model(
+            model, tokenizer, shard, shard_config, out_path=out_path, desc=f"eval {name}", done_paths=done_paths
+        )
+
+    distributed.sharded_stage(responses, problems, lambda f: read_jsonl(f, tolerate_partial_tail=True), work, dp=dp)
+    with distributed.main_first() as main:
+        if main:  # every response is in place: this only grades and measures
+            result = evaluate_model(model, tokenizer, problems, config, out_path=responses, desc=f"eval {name}")
+            atomic_write_json(out, result)
+    return json.loads(out.read_text(encoding="utf-8"))
 
 
 def base(p: Pipeline) -> dict:

@@ -33,11 +33,14 @@ def round_base(p: Pipeline, r: int) -> Path:
     if not (prev / "adapter_config.json").exists():
         return prev
     merged = round_dir(p, r) / "base"
-    if not (merged / "DONE").exists():
-        from o1pruner.modeling import merge_adapter_dir
+    from o1pruner import distributed
 
-        p.log(f"round {r}: merging round {r - 1}'s adapter into full weights -> {merged}")
-        merge_adapter_dir(prev, merged)  # atomic: a killed merge leaves no base/DONE
+    with distributed.main_first() as main:
+        if main and not (merged / "DONE").exists():
+            from o1pruner.modeling import merge_adapter_dir
+
+            p.log(f"round {r}: merging round {r - 1}'s adapter into full weights -> {merged}")
+            merge_adapter_dir(prev, merged)  # atomic: a killed merge leaves no base/DONE
     return merged
 
 

@@ -1,17 +1,38 @@
 """Stage 1, pre-sampling: K graded solutions per training problem from the reference model.
 
-Writes ``samples.jsonl`` (resumable) and, once complete, ``samples.done.json``.
+Writes ``samples.jsonl`` (resumable) and, once complete, ``samples.done.json``. Under a launcher the
+problems are split across the processes (see :mod:`o1pruner.distributed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
+from o1pruner import distributed
 from o1pruner.io import atomic_write_json
 from o1pruner.modeling import free_memory
 
 if TYPE_CHECKING:
     from o1pruner.pipeline import Pipeline
+
+
+def generation_shard(p: Pipeline, config):
+    """``(config, dp)`` for this process's share of a generation stage: the seed derived from the
+    data-parallel rank (ranks draw distinct streams) and ``dp`` = (rank, size) for
+    :func:`o1pruner.distributed.sharded_stage`; ``(config, None)`` with one process."""
+    if not distributed.world().distributed:
+        return config, None
+    from o1pruner.sampling import child_seed
+
+    if config.backend == "vllm":
+        from o1pruner.vllm_engine import data_parallel_rank
+
+        dp = data_parallel_rank(config.tensor_parallel_size)
+    else:
+        w = distributed.world()
+        dp = (w.rank, w.size)
+    return dataclasses.replace(config, seed=child_seed(config.seed, dp[0])), dp
 
 
 def run(p: Pipeline) -> None:
@@ -28,14 +49,23 @@ def run(p: Pipeline) -> None:
     else:
         model, tokenizer = p.models.reference(), p.models.tokenizer()
     samples_path = p.path("samples.jsonl")
-    if samples_path.exists():
+    if samples_path.exists() or distributed.rank_logs(samples_path):
         p.log("sample: resuming from samples.jsonl")
     p.log(f"sample: {p.cfg.k} solutions for each of {len(problems)} problems")
-    sample_problems(problems, model, tokenizer, samples_path, p.cfg.sampling_config())
-    samples = read_samples(samples_path)
-    expected = len(problems) * p.cfg.k
-    if len(samples) < expected:
-        raise RuntimeError(f"sampling stopped early: {len(samples)} of {expected} samples in {samples_path}")
-    atomic_write_json(done, {"num_problems": len(problems), "k": p.cfg.k, "num_samples": len(samples)})
+    config, dp = generation_shard(p, p.cfg.sampling_config())
+
+    def work(shard, out_path, done_paths) -> None:
+        sample_problems(shard, model, tokenizer, out_path, config, done_paths=done_paths)
+
+    distributed.sharded_stage(samples_path, problems, read_samples, work, dp=dp)
+    with distributed.main_first() as main:
+        if main:
+            samples = read_samples(samples_path)
+            expected = len(problems) * p.cfg.k
+            if len(samples) < expected:
+                raise RuntimeError(
+                    f"sampling stopped early: {len(samples)} of {expected} samples in {samples_path}"
+                )
+            atomic_write_json(done, {"num_problems": len(problems), "k": p.cfg.k, "num_samples": len(samples)})
     if p.cfg.sampling_backend == "vllm":
         free_memory()

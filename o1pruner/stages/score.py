@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from o1pruner import distributed
 from o1pruner.records import read_samples
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ def run(p: Pipeline) -> None:
     samples = read_samples(p.path("samples.jsonl"))
     model = p.models.reference()
     p.log(f"score: rewards (lam={p.cfg.lam}) and reference log-probs of {len(samples)} samples")
-    build_training_set(  # atomic
+    build_training_set(  # atomic; under a launcher every rank scores a share, rank 0 writes
         problems, samples, model, p.models.tokenizer(), out, p.cfg.scoring_config()
     )
+    distributed.barrier()

@@ -1,0 +1,64 @@
+"""One process of a ``torchrun`` training run in the tests: train a scored set, save the trained weights.
+
+``python -m torch.distributed.run --nproc-per-node N tests/dist_worker.py MODEL SCORED OUT MODE PARALLEL
+MAX_STEPS [SAVE_EVERY]``: loads MODEL in MODE (float32, CPU), trains on SCORED into OUT (DDP, or FSDP2 when
+PARALLEL is "fsdp"; one process when launched without torchrun) and rank 0 writes the whole model's
+trainable tensors to OUT/weights.safetensors.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from o1pruner import distributed
+from o1pruner.modeling import load_model
+from o1pruner.parallel import full_state_dict
+from o1pruner.train import TrainConfig, Trainer
+
+
+def main(
+    model: str, scored: str, out: str, mode: str, par: str, max_steps: str, save_every: str = "0"
+) -> None:
+    from safetensors.torch import save_file
+
+    distributed.init()
+    torch.manual_seed(0)
+    net = load_model(
+        model,
+        mode=mode,
+        device="cpu",
+        torch_dtype="float32",
+        lora_r=4,
+        lora_alpha=8,
+        freeze_last_n_layers=1 if mode == "freeze" else 0,
+    )[0]
+    cfg = TrainConfig(
+        learning_rate=1e-2,
+        effective_batch_size=5,
+        micro_batch_tokens=24,
+        warmup_ratio=0.0,
+        backend="torch",
+        adam_eps=1e-6,  # k_proj biases get a zero gradient up to rounding; Adam would scale that noise to lr
+        seed=3,
+        max_steps=int(max_steps),
+        save_every=int(save_every),
+        fsdp=par == "fsdp",
+    )
+    trainer = Trainer(net, scored, cfg, out)
+    trainer.train()
+    names = {n for n, _ in trainer.named_params}
+    if trainer.parallel == "fsdp":
+        state = full_state_dict(trainer.policy)
+    else:
+        state = {n: p.detach() for n, p in net.named_parameters()} if distributed.world().is_main else None
+    if state is not None:
+        save_file(
+            {n: t.contiguous().clone() for n, t in state.items() if n in names}, f"{out}/weights.safetensors"
+        )
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
