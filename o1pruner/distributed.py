@@ -205,15 +205,17 @@ def sharded_stage(
 ) -> None:
     """Run a generation stage whose records go to ``path`` on every rank.
 
-    ``work(shard, out_path, done_paths)`` generates the missing records of ``shard`` into ``out_path``,
-    counting those in ``done_paths`` as done. With one process: ``work(problems, path, [])``. With
-    several: rank 0 merges leftover rank logs, every rank works on its shard into its own rank log (``dp``:
-    ``(data-parallel rank, size)`` when ranks of one tensor-parallel group share a shard), and rank 0
-    merges again; every rank returns once ``path`` is complete.
+        ``work(shard, out_path, done_paths)`` generates the missing records of ``shard`` into ``out_path``,
+        counting those in ``done_paths`` as done. With one process: ``work(problems, path, [])`` (after folding in
+    the rank logs a killed multi-process run left). With
+        several: rank 0 merges leftover rank logs, every rank works on its shard into its own rank log (``dp``:
+        ``(data-parallel rank, size)`` when ranks of one tensor-parallel group share a shard), and rank 0
+        merges again; every rank returns once ``path`` is complete.
     """
     w = world()
     ids = [str(p.id if hasattr(p, "id") else p["id"]) for p in problems]
     if not w.distributed:
+        merge_rank_logs(path, ids, read)  # what a killed run on several processes left
         work(list(problems), Path(path), [])
         return
     with main_first() as main:

@@ -382,7 +382,8 @@ def save_model(
                         v = cast.setdefault(v.data_ptr(), v.to(target))
                     state[k] = v
             model.save_pretrained(tmp, state_dict=state)
-            if state is not None and state is not state_dict:  # save_pretrained records the masters' float32 as the config dtype
+            if state is not None and state is not state_dict:
+                # save_pretrained records the masters' float32 as the config dtype
                 cfg_path = tmp / "config.json"
                 cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
                 cfg["dtype"] = str(target).removeprefix("torch.")

@@ -1,7 +1,7 @@
 """One process of a ``torchrun`` training run in the tests: train a scored set, save the trained weights.
 
 ``python -m torch.distributed.run --nproc-per-node N tests/dist_worker.py MODEL SCORED OUT MODE PARALLEL
-MAX_STEPS [SAVE_EVERY]``: loads MODEL in MODE (float32, CPU), trains on SCORED into OUT (DDP, or FSDP2 when
+MAX_STEPS [SAVE_EVERY [LEVEL[:REDUCTION]]]``: loads MODEL in MODE (float32, CPU), trains on SCORED into OUT (DDP, or FSDP2 when
 PARALLEL is "fsdp"; one process when launched without torchrun) and rank 0 writes the whole model's
 trainable tensors to OUT/weights.safetensors.
 """
@@ -19,7 +19,14 @@ from o1pruner.train import TrainConfig, Trainer
 
 
 def main(
-    model: str, scored: str, out: str, mode: str, par: str, max_steps: str, save_every: str = "0"
+    model: str,
+    scored: str,
+    out: str,
+    mode: str,
+    par: str,
+    max_steps: str,
+    save_every: str = "0",
+    level: str = "sequence_geomean",
 ) -> None:
     from safetensors.torch import save_file
 
@@ -35,7 +42,7 @@ def main(
         freeze_last_n_layers=1 if mode == "freeze" else 0,
     )[0]
     cfg = TrainConfig(
-        learning_rate=1e-2,
+        learning_rate=2e-3,
         effective_batch_size=5,
         micro_batch_tokens=24,
         warmup_ratio=0.0,
@@ -45,6 +52,8 @@ def main(
         max_steps=int(max_steps),
         save_every=int(save_every),
         fsdp=par == "fsdp",
+        importance_level=level.split(":")[0],
+        reduction=[*level.split(":"), "sequence_mean"][1],
     )
     trainer = Trainer(net, scored, cfg, out)
     trainer.train()

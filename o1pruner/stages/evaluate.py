@@ -49,13 +49,23 @@ def evaluate(
 
     def work(shard, out_path, done_paths) -> None:
         evaluate_model(
-            model, tokenizer, shard, shard_config, out_path=out_path, desc=f"eval {name}", done_paths=done_paths
+            model,
+            tokenizer,
+            shard,
+            shard_config,
+            out_path=out_path,
+            desc=f"eval {name}",
+            done_paths=done_paths,
         )
 
-    distributed.sharded_stage(responses, problems, lambda f: read_jsonl(f, tolerate_partial_tail=True), work, dp=dp)
+    distributed.sharded_stage(
+        responses, problems, lambda f: read_jsonl(f, tolerate_partial_tail=True), work, dp=dp
+    )
     with distributed.main_first() as main:
         if main:  # every response is in place: this only grades and measures
-            result = evaluate_model(model, tokenizer, problems, config, out_path=responses, desc=f"eval {name}")
+            result = evaluate_model(
+                model, tokenizer, problems, config, out_path=responses, desc=f"eval {name}"
+            )
             atomic_write_json(out, result)
     return json.loads(out.read_text(encoding="utf-8"))
 

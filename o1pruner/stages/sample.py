@@ -66,6 +66,8 @@ def run(p: Pipeline) -> None:
                 raise RuntimeError(
                     f"sampling stopped early: {len(samples)} of {expected} samples in {samples_path}"
                 )
-            atomic_write_json(done, {"num_problems": len(problems), "k": p.cfg.k, "num_samples": len(samples)})
+            atomic_write_json(
+                done, {"num_problems": len(problems), "k": p.cfg.k, "num_samples": len(samples)}
+            )
     if p.cfg.sampling_backend == "vllm":
         free_memory()
