@@ -95,6 +95,28 @@ def barrier() -> None:
 
 
 @contextmanager
+def keep_default_group() -> Iterator[None]:
+    """Inside the block, ``torch.distributed.destroy_process_group()`` of the default group is a no-op.
+
+    A vLLM engine under a launcher (``external_launcher``) runs on the launcher's default process group
+    and destroys it when it shuts down; the stages after it need that group, and starting it again
+    in the same processes hangs in the rendezvous. vLLM's own subgroups are still destroyed.
+    """
+    real = torch.distributed.destroy_process_group
+
+    def destroy(group=None):
+        if group is None or group is torch.distributed.GroupMember.WORLD:
+            return
+        real(group)
+
+    torch.distributed.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = real
+
+
+@contextmanager
 def main_first() -> Iterator[bool]:
     """Run the block on rank 0 alone (yields whether this is rank 0), then every rank meets."""
     try:
@@ -138,6 +160,13 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def lockstep(backend: str) -> bool:
+    """Whether generation must advance in step on every rank: vLLM engines of one launch form a
+    data-parallel group (``external_launcher``), so every rank starts its engine and makes the same number
+    of ``generate`` calls (empty ones when its share is done)."""
+    return backend == "vllm" and world().distributed
 
 
 def shard(items: Sequence[Any], rank: int, size: int) -> list[Any]:

@@ -9,6 +9,7 @@ batch by batch, so an interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from o1pruner import distributed
 from o1pruner.io import append_jsonl, read_jsonl
 from o1pruner.options import check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT
@@ -136,21 +138,39 @@ def evaluate_model(
     """
     config = config or EvalConfig()
     n = config.responses_per_problem
+    done = _read_done(problems, [p for p in (out_path, *done_paths) if p is not None])
+    todo = [p for p in problems if any((str(_attr(p, "id")), j) not in done for j in range(n))]
+    calls = math.ceil(len(todo) / config.batch_size)
+    if distributed.lockstep(config.backend):
+        calls = distributed.all_max(calls)
+    if calls:
+        with _generator(model_or_path, tokenizer, config, todo) as (model, tokenizer):
+            _generate_missing(model, tokenizer, todo, done, config, out_path, desc, calls)
+    return _result(problems, done, config)
+
+
+def summarize_responses(
+    problems: Sequence[Any], config: EvalConfig, out_path: str | os.PathLike
+) -> dict[str, Any]:
+    """:func:`evaluate_model`'s result from the response records already in ``out_path`` (no generation;
+    problems without their responses there are measured on what exists)."""
+    return _result(problems, _read_done(problems, [out_path]), config)
+
+
+def _read_done(problems: Sequence[Any], paths: Sequence[str | os.PathLike]) -> dict[tuple[str, int], dict]:
     ids = [str(_attr(p, "id")) for p in problems]
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise ValueError(f"evaluation problems: duplicate problem id {dup!r}")
-
     done: dict[tuple[str, int], dict] = {}
-    for path in [p for p in (out_path, *done_paths) if p is not None and os.path.exists(p)]:
+    for path in [p for p in paths if os.path.exists(p)]:
         for rec in read_jsonl(path, tolerate_partial_tail=True):
             done.setdefault((str(rec.get("problem_id")), int(rec.get("sample_index", 0))), rec)
+    return done
 
-    todo = [p for p in problems if any((str(_attr(p, "id")), j) not in done for j in range(n))]
-    if todo:
-        with _generator(model_or_path, tokenizer, config, todo) as (model, tokenizer):
-            _generate_missing(model, tokenizer, todo, done, config, out_path, desc)
 
+def _result(problems: Sequence[Any], done: dict[tuple[str, int], dict], config: EvalConfig) -> dict[str, Any]:
+    n = config.responses_per_problem
     records = [
         done[(str(_attr(p, "id")), j)] for p in problems for j in range(n) if (str(_attr(p, "id")), j) in done
     ]
@@ -221,8 +241,10 @@ def _generate_missing(
     config: EvalConfig,
     out_path: str | os.PathLike | None,
     desc: str,
+    calls: int,
 ) -> None:
-    """Generate and grade the missing responses of ``todo``, adding them to ``done`` (and ``out_path``)."""
+    """Generate and grade the missing responses of ``todo``, adding them to ``done`` (and ``out_path``);
+    ``calls`` >= the batches of ``todo``: the rest are empty calls that keep data-parallel engines in step."""
     from tqdm.auto import tqdm
 
     from o1pruner.prompts import encode_prompt
@@ -251,6 +273,12 @@ def _generate_missing(
             if out_path is not None:
                 append_jsonl(out_path, new)
             bar.update(len(batch))
+    idle = calls - math.ceil(len(todo) / config.batch_size)
+    if idle > 0:
+        from o1pruner.sampling import _vllm_generate_requests
+
+        for _ in range(idle):
+            _vllm_generate_requests(model, tokenizer, [], sampling_config)
 
 
 def _summary(lengths: Sequence[int], correct: Sequence[bool], truncated: Sequence[bool]) -> dict[str, Any]:

@@ -183,16 +183,17 @@ def _num_gpus(options: Mapping[str, Any]) -> int:
     return max(1, int(_opt(options, "num_gpus", 1)))
 
 
-def _run_weights(arch: ModelArch, options: Mapping[str, Any]) -> dict[str, float]:
+def _run_weights(arch: ModelArch, options: Mapping[str, Any], sharded: bool = False) -> dict[str, float]:
     """The stage parts dict, started with one GPU's weights of the model in the run's mode.
 
-    With ``num_gpus`` > 1 the float32 trainable weights of full/freeze are sharded across the GPUs (FSDP);
-    frozen 16-bit and 4-bit weights are counted whole on every GPU (the simple, safe side).
+    ``sharded`` (training with ``num_gpus`` > 1, FSDP): the float32 trainable weights of full/freeze are
+    sharded across the GPUs; frozen 16-bit and 4-bit weights are counted whole on every GPU (the simple,
+    safe side). Every process loads the whole model before sharding it, and scores with it whole.
     """
     mode = _opt(options, "mode", "qlora")
     n_freeze = int(_opt(options, "freeze_last_n_layers", 0))
     weights = weight_bytes(arch, mode, n_freeze)
-    if mode in ("full", "freeze"):
+    if sharded and mode in ("full", "freeze"):
         trained = trainable_params(arch, mode, 0, n_freeze) * 4.0
         weights -= trained * (1.0 - 1.0 / _num_gpus(options))
     return {"weights": weights}
@@ -262,7 +263,7 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
     attn = _opt(options, "attn_implementation", "o1pruner_varlen_sdpa")
     layer = layer_activation_bytes(arch, tokens, act_bytes)
     gpus = _num_gpus(options)
-    parts = _run_weights(arch, options)
+    parts = _run_weights(arch, options, sharded=True)
     parts["gradients"] = n_train * 4.0 / gpus
     parts["optimizer"] = n_train * OPTIMIZER_STATE_BYTES.get(optimizer, 8.0) / gpus
     # The trainer's autocast keeps no weight cache, so fp32 weights are cast per use: one layer's worth.
@@ -305,7 +306,10 @@ def scoring_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float)
     parts["activations"] = forward_peak_bytes(arch, tokens, act_bytes)
     parts["loss"] = loss_bytes(arch, tokens, act_bytes, need_grad=False)
     _add_reserve(parts)
-    return StagePlan("score", parts, "lower score_batch_tokens")
+    knob = "lower score_batch_tokens"
+    if parts["weights"] > 0.6 * sum(parts.values()):
+        knob = "mode qlora, or a card with more memory (every GPU holds the whole model to score)"
+    return StagePlan("score", parts, knob)
 
 
 def generation_stage(

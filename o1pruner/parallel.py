@@ -67,6 +67,24 @@ def parallel_mode(fsdp: bool) -> str | None:
     return "ddp"
 
 
+def check_fsdp(mode: str, optimizer: str) -> None:
+    """ConfigError for what FSDP2 cannot shard: a 4-bit base, bitsandbytes' 8-bit optimizer states."""
+    from o1pruner.options import ConfigError
+
+    if mode == "qlora":
+        raise ConfigError(
+            "fsdp: FSDP2 shards full, freeze and lora models, not a 4-bit (qlora) base; use data parallel "
+            "(no --fsdp) or --mode lora",
+            key="fsdp",
+        )
+    if optimizer == "paged_adamw_8bit":
+        raise ConfigError(
+            "optimizer paged_adamw_8bit: bitsandbytes' 8-bit states do not shard with --fsdp; use "
+            "--optimizer adamw (FSDP2 shards its states across the processes)",
+            key="optimizer",
+        )
+
+
 def wrap(policy: PolicyLoss, mode: str | None) -> torch.nn.Module:
     """The module the trainer calls: ``policy`` itself, its DDP wrapper, or ``policy`` sharded in place."""
     if mode is None:
@@ -80,8 +98,10 @@ def wrap(policy: PolicyLoss, mode: str | None) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if any(type(p).__name__ == "Params4bit" for p in policy.parameters()):
-        raise ValueError("--fsdp shards full, freeze and lora models; a 4-bit (qlora) base is not sharded")
+    check_fsdp(
+        "qlora" if any(type(p).__name__ == "Params4bit" for p in policy.parameters()) else "full",
+        policy.config.optimizer,
+    )
     mesh = init_device_mesh(w.device().type, (w.size,))
     for layer in _decoder_layers(policy.model):
         fully_shard(layer, mesh=mesh)

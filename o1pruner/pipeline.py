@@ -184,6 +184,10 @@ class Pipeline:
             self.train_problems()
         if "eval" in stages and self.has_eval_set():
             self.eval_problems()
+        from o1pruner.parallel import check_fsdp, parallel_mode
+
+        if parallel_mode(self.cfg.fsdp) == "fsdp":
+            check_fsdp(self.cfg.mode, self.cfg.optimizer)
         tp = self.cfg.vllm_tensor_parallel_size
         if self.world.size % tp:
             raise ConfigError(

@@ -28,6 +28,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from o1pruner import distributed
 from o1pruner.io import DataError, append_jsonl
 from o1pruner.options import check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT, encode_prompt
@@ -345,6 +346,8 @@ def make_vllm_engine(path: str | os.PathLike, config: SamplingConfig, longest_pr
     from o1pruner.vllm_engine import engine_kwargs
 
     vllm = _import_vllm()
+    if distributed.world().distributed:  # one engine configuration for every data-parallel rank
+        longest_prompt = distributed.all_max(longest_prompt or 0) or None
     return vllm.LLM(**engine_kwargs(path, config, longest_prompt))
 
 
@@ -361,8 +364,25 @@ def release_vllm_engine(engine: Any) -> None:
 
     ``engine``: a ``vllm.LLM`` (drop your own references to it too) or an internal holder. The engine-core
     process is shut down (``LLM.shutdown`` or ``llm_engine.engine_core.shutdown``, whichever this vLLM has),
-    then the distributed state is destroyed (``cleanup_dist_env_and_memory``) and the CUDA cache emptied.
+    then the distributed state is destroyed (``cleanup_dist_env_and_memory``; under a launcher the
+    launcher's process group stays) and the CUDA cache emptied.
     """
+    from o1pruner import distributed
+
+    keep = distributed.keep_default_group() if distributed.world().distributed else contextlib.nullcontext()
+    box, engine = [engine], None  # the only reference left to the engine goes with the shutdown
+    with keep:  # under a launcher the next stages need the process group vLLM ran on
+        _shutdown_vllm(box)
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _shutdown_vllm(box: list) -> None:
+    engine = box.pop()
     if isinstance(engine, _EngineHolder):
         llm, engine.llm = engine.llm, None
     else:
@@ -395,12 +415,6 @@ def release_vllm_engine(engine: Any) -> None:
 
             destroy_model_parallel()
             destroy_distributed_environment()
-    gc.collect()
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -540,7 +554,8 @@ def sample_problems(
     k = config.k
     total = len(problems) * k
     todo = total - len(done)
-    if todo == 0:
+    lockstep = distributed.lockstep(config.backend)
+    if todo == 0 and not lockstep:
         return _ordered(problems, done, k)
     prompt_ids = {p.id: encode_prompt(tokenizer, p.question, config.system_prompt) for p in problems}
     order = sorted(problems, key=lambda p: -len(prompt_ids[p.id]))  # stable: ties keep input order
@@ -561,22 +576,26 @@ def sample_problems(
         if config.backend == "vllm":
             # One request per pair with its own seed: resuming a problem with some samples done redraws
             # exactly the missing ones; prefix caching shares the prompt's KV blocks between them.
-            with _vllm_engine(model_or_path, config, list(prompt_ids.values())) as engine:
-                for start in range(0, len(order), config.batch_size):
-                    block = [(j, p) for j, p in enumerate(order[start : start + config.batch_size], start)]
-                    pairs = [(p, i) for _, p in block for i in range(k) if (p.id, i) not in done]
-                    seeds = [
-                        config.seed + j * k + i for j, p in block for i in range(k) if (p.id, i) not in done
-                    ]
-                    if not pairs:
-                        continue
-                    gens = _vllm_generate_requests(
-                        engine.llm,
-                        tokenizer,
-                        [(prompt_ids[p.id], s) for (p, _), s in zip(pairs, seeds)],
-                        config,
-                    )
-                    commit(pairs, gens)
+            calls = []
+            for start in range(0, len(order), config.batch_size):
+                block = [(j, p) for j, p in enumerate(order[start : start + config.batch_size], start)]
+                pairs = [(p, i) for _, p in block for i in range(k) if (p.id, i) not in done]
+                seeds = [config.seed + j * k + i for j, p in block for i in range(k) if (p.id, i) not in done]
+                if pairs:
+                    calls.append((pairs, seeds))
+            n_calls = distributed.all_max(len(calls)) if lockstep else len(calls)
+            if n_calls:
+                with _vllm_engine(model_or_path, config, list(prompt_ids.values())) as engine:
+                    for pairs, seeds in calls:
+                        gens = _vllm_generate_requests(
+                            engine.llm,
+                            tokenizer,
+                            [(prompt_ids[p.id], s) for (p, _), s in zip(pairs, seeds)],
+                            config,
+                        )
+                        commit(pairs, gens)
+                    for _ in range(n_calls - len(calls)):  # data-parallel engines step together
+                        _vllm_generate_requests(engine.llm, tokenizer, [], config)
         else:
             model = model_or_path
             if _is_path(model_or_path):

@@ -4,6 +4,7 @@ resumed on another process count, and the whole pipeline, killed and resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -269,6 +270,28 @@ def test_torchrun_pipeline_writes_what_one_process_writes_each_sample_once(pipel
     assert json.loads((out / "eval.json").read_text())["tuned"]["num_problems"] == 3
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL to torchrun and every process under it (its workers run in their own sessions), as when
+    the machine goes down."""
+    import psutil
+
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs([p for p in map(_process, tree) if p is not None], timeout=30)
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
 def test_torchrun_pipeline_killed_with_sigkill_resumes(pipeline_inputs):
     out = pipeline_inputs["root"] / "killed"
     seed = int.from_bytes(os.urandom(4), "little")
@@ -278,20 +301,14 @@ def test_torchrun_pipeline_killed_with_sigkill_resumes(pipeline_inputs):
     latest = 20.0
     while len(kills) < 3:
         delay = rng.uniform(3.0, latest)
-        with open(log, "ab") as f:  # its own session: the kill reaches torchrun and every worker
+        with open(log, "ab") as f:
             proc = subprocess.Popen(
-                _pipeline_cmd(pipeline_inputs, out),
-                stdout=f,
-                stderr=f,
-                env=cli_env(),
-                cwd=REPO,
-                start_new_session=True,
+                _pipeline_cmd(pipeline_inputs, out), stdout=f, stderr=f, env=cli_env(), cwd=REPO
             )
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_tree(proc)
             kills.append(round(delay, 1))
         else:
             assert proc.returncode == 0, log.read_text()[-4000:]
@@ -315,3 +332,25 @@ def test_torchrun_pipeline_killed_with_sigkill_resumes(pipeline_inputs):
     assert _kinds(out) >= _kinds(pipeline_inputs["one"]) - {
         f for f in _kinds(pipeline_inputs["one"]) if f.startswith("checkpoints/")
     }
+
+
+def test_accelerate_launch_with_an_fsdp_config_shards_training(pipeline_inputs):
+    """``accelerate launch --use_fsdp`` (what an accelerate FSDP config sets) trains with FSDP2: the
+    checkpoints are sharded, the tuned model is whole, every sample drawn once."""
+    out = pipeline_inputs["root"] / "accelerate"
+    args = small_run_args(pipeline_inputs, out, "--mode", "full")
+    launch = ["-m", "accelerate.commands.launch", "--num_processes", "2", "--use_fsdp", "--fsdp_version", "2"]
+    proc = subprocess.run(
+        [sys.executable, *launch, "-m", "o1pruner", "run", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    _assert_each_once(out, n_train=3, k=3, n_eval=3)
+    last = out / "checkpoints" / (out / "checkpoints" / "last").read_text().strip()
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert (state["parallel"], state["world_size"]) == ("fsdp", 2)
+    assert (last / "dcp").is_dir() and (out / "model" / "DONE").exists()

@@ -198,9 +198,15 @@ def test_plan_command_prints_every_stage_and_exits_2_when_one_does_not_fit():
     assert "Traceback" not in bad.stderr
 
 
+# Recipes that do not fit yet, with the stage that does not: each process loads the whole model (48 float32
+# layers of QwQ-32B) and scores with it before FSDP2 shards it (docs/multi-gpu.md).
+NOT_YET = {"qwq-32b-preview": "score"}
+
+
 @pytest.mark.parametrize("recipe", recipe_names())
 def test_every_shipped_recipe_fits_the_card_it_names(recipe):
-    """Each recipe names a card in cards.yaml and a GPU count; planned on that card, every stage fits."""
+    """Each recipe names a card in cards.yaml and a GPU count; planned on that card, every stage fits
+    (but for the ones in NOT_YET, whose failing stage is checked, so the list cannot go stale)."""
     from importlib.resources import files
 
     import yaml
@@ -214,6 +220,9 @@ def test_every_shipped_recipe_fits_the_card_it_names(recipe):
     assert raw["model"] == cfg.model
     plan = plan_run(cfg.to_dict())  # no GPU here: the recipe's card
     assert plan.budget == card_memory_gb(raw["card"]) * GIB and plan.num_gpus == raw["num_gpus"]
+    if recipe in NOT_YET:
+        assert not plan.fits() and NOT_YET[recipe] in plan.error_message(), plan.table()
+        return
     assert plan.fits(), plan.table()
 
 
@@ -231,9 +240,14 @@ def test_more_gpus_divide_the_trained_state_only():
         not plan_memory(arch, opts, 79.1).fits() and plan_memory(arch, {**opts, "num_gpus": 8}, 79.1).fits()
     )
     freeze = {**opts, "mode": "freeze", "freeze_last_n_layers": 4}
-    w = lambda n: plan_memory(arch, {**freeze, "num_gpus": n}, 80).stages[1].parts["weights"]
+    stage = lambda n, name: next(
+        s for s in plan_memory(arch, {**freeze, "num_gpus": n}, 80).stages if s.name == name
+    )
+    w = lambda n: stage(n, "train").parts["weights"]
     trained = trainable_params(arch, "freeze", 0, 4) * 4.0
     assert w(1) - w(4) == pytest.approx(trained * 3 / 4)  # frozen 16-bit layers stay whole on each GPU
+    # every process loads the whole model, and scores with it, before FSDP shards it
+    assert stage(4, "score").parts["weights"] == stage(1, "score").parts["weights"] == w(1)
 
 
 def test_a_recipe_on_a_card_too_small_exits_2_with_the_numbers():

@@ -79,3 +79,38 @@ def test_pipeline_with_both_backends_vllm_serves_the_lora_adapter(model_dir, tmp
         assert report[name]["num_responses"] == len(EVAL)
         assert json.loads((out / "eval" / f"{name}.json").read_text())["config"]["backend"] == "vllm"
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * len(TRAIN)
+
+
+def test_torchrun_two_data_parallel_engines_run_the_pipeline(model_dir, tmp_path):
+    """``torchrun --nproc-per-node 2``: vLLM joins the launcher's processes (external_launcher) as two
+    data-parallel engines, each on its share of the problems. One prompt per call, so the ranks' shares
+    (2 and 1 problems) take different numbers of calls and the idle calls must keep them in step; the
+    engine's shutdown leaves the launcher's process group for scoring and training."""
+    out = tmp_path / "run"
+    args = [
+        *("--model", str(model_dir), "--output-dir", str(out), "--mode", "lora"),
+        *("--dataset", str(write_problems(tmp_path / "train.jsonl", TRAIN))),
+        *("--eval-dataset", str(write_problems(tmp_path / "eval.jsonl", EVAL))),
+        *("--sampling-backend", "vllm", "--eval-backend", "vllm", "--k", "3"),
+        *("--sampling-batch-size", "1", "--eval-batch-size", "1"),
+        *("--max-new-tokens", "8", "--eval-max-new-tokens", "8", "--effective-batch-size", "3"),
+        *("--micro-batch-tokens", "512", "--kernel-backend", "torch", "--cutoff", "128", "--no-bf16"),
+        *("--lora-r", "8", "--learning-rate", "1e-2"),
+    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run(
+        [*launcher, "-m", "o1pruner", "run", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    log = proc.stderr + proc.stdout
+    assert "external_launcher" in log and "data_parallel_size=2" in log
+    samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert len({(r["problem_id"], r["sample_index"]) for r in samples}) == len(samples) == 3 * len(TRAIN)
+    for name in ("base", "tuned"):
+        assert json.loads((out / "eval" / f"{name}.json").read_text())["num_responses"] == len(EVAL)
+    assert not [p for p in out.rglob("*.rank*.jsonl")]

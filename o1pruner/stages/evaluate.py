@@ -28,7 +28,7 @@ def evaluate(
     """
     import json
 
-    from o1pruner.evaluate import evaluate_model
+    from o1pruner.evaluate import evaluate_model, summarize_responses
     from o1pruner.stages.sample import generation_shard
 
     out = p.path(f"eval/{name}.json")
@@ -63,10 +63,7 @@ def evaluate(
     )
     with distributed.main_first() as main:
         if main:  # every response is in place: this only grades and measures
-            result = evaluate_model(
-                model, tokenizer, problems, config, out_path=responses, desc=f"eval {name}"
-            )
-            atomic_write_json(out, result)
+            atomic_write_json(out, summarize_responses(problems, config, responses))
     return json.loads(out.read_text(encoding="utf-8"))
 
 
