@@ -103,8 +103,8 @@ class RunConfig:
     )
     num_gpus: int = option(
         1,
-        "GPUs the run is planned for; the plan divides the trained state (trainable weights, gradients, "
-        "optimizer states: FSDP) by it and reports per-GPU peaks.",
+        "GPUs the run is planned for (under a launcher: its process count); with --fsdp the plan shards "
+        "training's weights, gradients and optimizer states over them, and reports per-GPU peaks.",
         stage=None,
         range="[1,)",
     )

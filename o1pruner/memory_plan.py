@@ -183,20 +183,27 @@ def _num_gpus(options: Mapping[str, Any]) -> int:
     return max(1, int(_opt(options, "num_gpus", 1)))
 
 
+def _fsdp_gpus(options: Mapping[str, Any]) -> int:
+    """The processes FSDP2 shards over (``fsdp`` with ``num_gpus`` > 1), else 1 (one GPU, or DDP)."""
+    gpus = _num_gpus(options)
+    return gpus if gpus > 1 and bool(_opt(options, "fsdp", False)) else 1
+
+
 def _run_weights(arch: ModelArch, options: Mapping[str, Any], sharded: bool = False) -> dict[str, float]:
     """The stage parts dict, started with one GPU's weights of the model in the run's mode.
 
-    ``sharded`` (training with ``num_gpus`` > 1, FSDP): the float32 trainable weights of full/freeze are
-    sharded across the GPUs; frozen 16-bit and 4-bit weights are counted whole on every GPU (the simple,
-    safe side). Every process loads the whole model before sharding it, and scores with it whole.
+    Under FSDP2 (``fsdp`` with ``num_gpus`` > 1) every process loads the whole model in 16 bits and scores
+    with it; training (``sharded``) shards every layer, the float32 trainable ones and the frozen ones.
+    qlora does not shard (4-bit weights): with several GPUs it runs data parallel, whole on every GPU.
     """
     mode = _opt(options, "mode", "qlora")
     n_freeze = int(_opt(options, "freeze_last_n_layers", 0))
-    weights = weight_bytes(arch, mode, n_freeze)
-    if sharded and mode in ("full", "freeze"):
-        trained = trainable_params(arch, mode, 0, n_freeze) * 4.0
-        weights -= trained * (1.0 - 1.0 / _num_gpus(options))
-    return {"weights": weights}
+    gpus = _fsdp_gpus(options)
+    if gpus == 1 or mode == "qlora":
+        return {"weights": weight_bytes(arch, mode, n_freeze)}
+    if not sharded:
+        return {"weights": weight_bytes(arch, "none")}
+    return {"weights": weight_bytes(arch, mode, n_freeze) / gpus}
 
 
 def trainable_params(arch: ModelArch, mode: str, lora_r: int, freeze_last_n_layers: int) -> int:
@@ -262,7 +269,7 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
     ckpt = bool(_opt(options, "gradient_checkpointing", True))
     attn = _opt(options, "attn_implementation", "o1pruner_varlen_sdpa")
     layer = layer_activation_bytes(arch, tokens, act_bytes)
-    gpus = _num_gpus(options)
+    gpus = _fsdp_gpus(options)
     parts = _run_weights(arch, options, sharded=True)
     parts["gradients"] = n_train * 4.0 / gpus
     parts["optimizer"] = n_train * OPTIMIZER_STATE_BYTES.get(optimizer, 8.0) / gpus
@@ -296,7 +303,7 @@ def training_stage(arch: ModelArch, options: Mapping[str, Any], act_bytes: float
         eight_bit = (
             "" if OPTIMIZER_STATE_BYTES.get(optimizer, 8.0) <= 2.0 else "optimizer paged_adamw_8bit, or "
         )
-        knob = f"mode qlora, or {eight_bit}more GPUs (num_gpus), or a card with more memory"
+        knob = f"mode qlora, or {eight_bit}more GPUs with fsdp (num_gpus), or a card with more memory"
     return StagePlan("train", parts, knob)
 
 

@@ -125,13 +125,16 @@ def load_model(
     device: str | None = None,
     gradient_checkpointing: bool = False,
     seed: int | None = None,
+    fp32_masters: bool = True,
 ):
     """Load a causal LM (Hub name or local folder; a folder holding a peft adapter loads base + adapter).
 
     Returns ``(model, tokenizer)``. ``attn_implementation`` None picks ``default_attn_implementation()``;
     ``torch_dtype`` None picks bf16 on a bf16-capable GPU, else float32; ``device`` None picks cuda if
     available, else cpu. ``seed`` (not None) seeds torch's generator before any weight is created, so a
-    new LoRA adapter starts from the same values in every run.
+    new LoRA adapter starts from the same values in every run. ``fp32_masters`` (full/freeze): trainable
+    weights in float32; False keeps the load dtype (FSDP2 casts each layer as it shards it, so no process
+    holds the whole model in float32).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -223,7 +226,7 @@ def load_model(
                 model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
         model.eval()
 
-    if mode in ("full", "freeze"):
+    if mode in ("full", "freeze") and fp32_masters:
         # No enable_input_require_grads here: non-reentrant checkpointing needs no input that requires grad,
         # so in freeze mode autograd records nothing before the first trainable layer and the backward
         # stops there instead of running through every frozen layer.

@@ -104,9 +104,18 @@ def wrap(policy: PolicyLoss, mode: str | None) -> torch.nn.Module:
     )
     mesh = init_device_mesh(w.device().type, (w.size,))
     for layer in _decoder_layers(policy.model):
+        _fp32_masters(layer)  # one layer in float32 at a time, then only its shard stays
         fully_shard(layer, mesh=mesh)
+    _fp32_masters(policy)
     fully_shard(policy, mesh=mesh)
     return policy
+
+
+def _fp32_masters(module: torch.nn.Module) -> None:
+    """Trainable weights of full/freeze in float32 (loaded in 16 bits under FSDP2); LoRA's already are."""
+    for p in module.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 @contextlib.contextmanager

@@ -91,8 +91,13 @@ class LoadedModel:
         from o1pruner.modeling import load_model
 
         self.log(f"loading {check_model_source(self.cfg.model)} (mode {self.cfg.mode})")
+        from o1pruner.parallel import parallel_mode
+
+        kwargs = self.cfg.model_kwargs()
+        if parallel_mode(self.cfg.fsdp) == "fsdp":  # FSDP2 casts the trainable layers as it shards them
+            kwargs["fp32_masters"] = False
         try:
-            self.model, self._tokenizer = load_model(self.cfg.model, **self.cfg.model_kwargs())
+            self.model, self._tokenizer = load_model(self.cfg.model, **kwargs)
         except OSError as e:  # transformers: not a local folder and not a Hub id (or offline)
             raise ConfigError(
                 f"model {self.cfg.model!r}: cannot be loaded: {_first_line(e)}", key="model"
@@ -270,8 +275,11 @@ class Pipeline:
         budget = visible_gpu_memory_gb()
         if budget is None:
             return
+        options = self.cfg.to_dict()
+        if self.world.distributed:  # plan the launch as it is
+            options["num_gpus"] = self.world.size
         try:
-            plan = plan_run(self.cfg.to_dict(), budget)
+            plan = plan_run(options, budget)
         except ConfigError as e:  # no config.json to read (e.g. offline): loading will say more
             self.log(f"memory plan skipped: {e}")
             return

@@ -1,7 +1,7 @@
 """One process of a ``torchrun`` training run in the tests: train a scored set, save the trained weights.
 
 ``python -m torch.distributed.run --nproc-per-node N tests/dist_worker.py MODEL SCORED OUT MODE PARALLEL
-MAX_STEPS [SAVE_EVERY [LEVEL[:REDUCTION]]]``: loads MODEL in MODE (float32, CPU), trains on SCORED into OUT (DDP, or FSDP2 when
+MAX_STEPS [SAVE_EVERY [LEVEL[:REDUCTION]]]``: loads MODEL in MODE (float32, or MODE-DTYPE, CPU), trains on SCORED into OUT (DDP, or FSDP2 when
 PARALLEL is "fsdp"; one process when launched without torchrun) and rank 0 writes the whole model's
 trainable tensors to OUT/weights.safetensors.
 """
@@ -32,11 +32,13 @@ def main(
 
     distributed.init()
     torch.manual_seed(0)
+    mode, _, dtype = mode.partition("-")  # "freeze-bfloat16": loaded in 16 bits
     net = load_model(
         model,
         mode=mode,
         device="cpu",
-        torch_dtype="float32",
+        torch_dtype=dtype or "float32",
+        fp32_masters=par != "fsdp",  # FSDP2 casts the trainable layers as it shards them
         lora_r=4,
         lora_alpha=8,
         freeze_last_n_layers=1 if mode == "freeze" else 0,
@@ -56,6 +58,8 @@ def main(
         reduction=[*level.split(":"), "sequence_mean"][1],
     )
     trainer = Trainer(net, scored, cfg, out)
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in net.parameters() if p.requires_grad}
+    assert dtypes == {"float32"}, f"trainable weights in {dtypes}"
     trainer.train()
     names = {n for n, _ in trainer.named_params}
     if trainer.parallel == "fsdp":

@@ -155,11 +155,12 @@ def _initial(inputs, mode: str) -> dict:
     from o1pruner.modeling import load_model
 
     torch.manual_seed(0)
+    mode, _, dtype = mode.partition("-")
     net = load_model(
         str(inputs["model"]),
         mode=mode,
         device="cpu",
-        torch_dtype="float32",
+        torch_dtype=dtype or "float32",
         lora_r=4,
         lora_alpha=8,
         freeze_last_n_layers=1 if mode == "freeze" else 0,
@@ -185,6 +186,7 @@ def _assert_same_update(one: dict, many: dict, start: dict) -> None:
         ("full", "fsdp", "sequence_geomean"),
         ("freeze", "fsdp", "sequence"),
         ("lora", "ddp", "token:token_mean"),
+        ("freeze-bfloat16", "fsdp", "sequence_geomean"),  # 16-bit load: FSDP2 casts layer by layer
     ],
 )
 def test_two_processes_train_to_the_one_process_weights(train_inputs, mode, par, level):

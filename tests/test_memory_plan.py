@@ -198,15 +198,9 @@ def test_plan_command_prints_every_stage_and_exits_2_when_one_does_not_fit():
     assert "Traceback" not in bad.stderr
 
 
-# Recipes that do not fit yet, with the stage that does not: each process loads the whole model (48 float32
-# layers of QwQ-32B) and scores with it before FSDP2 shards it (docs/multi-gpu.md).
-NOT_YET = {"qwq-32b-preview": "score"}
-
-
 @pytest.mark.parametrize("recipe", recipe_names())
 def test_every_shipped_recipe_fits_the_card_it_names(recipe):
-    """Each recipe names a card in cards.yaml and a GPU count; planned on that card, every stage fits
-    (but for the ones in NOT_YET, whose failing stage is checked, so the list cannot go stale)."""
+    """Each recipe names a card in cards.yaml and a GPU count; planned on that card, every stage fits."""
     from importlib.resources import files
 
     import yaml
@@ -220,34 +214,29 @@ def test_every_shipped_recipe_fits_the_card_it_names(recipe):
     assert raw["model"] == cfg.model
     plan = plan_run(cfg.to_dict())  # no GPU here: the recipe's card
     assert plan.budget == card_memory_gb(raw["card"]) * GIB and plan.num_gpus == raw["num_gpus"]
-    if recipe in NOT_YET:
-        assert not plan.fits() and NOT_YET[recipe] in plan.error_message(), plan.table()
-        return
     assert plan.fits(), plan.table()
 
 
-def test_more_gpus_divide_the_trained_state_only():
+def test_more_gpus_with_fsdp_shard_training_only():
     arch = ModelArch.from_config(R1_7B)
-    opts = {"mode": "full", "optimizer": "paged_adamw_8bit", "micro_batch_tokens": 8192}
-    train = lambda n: next(
-        s for s in plan_memory(arch, {**opts, "num_gpus": n}, 80).stages if s.name == "train"
+    opts = {"mode": "full", "optimizer": "adamw", "micro_batch_tokens": 8192, "fsdp": True}
+    stage = lambda o, n, name: next(
+        s for s in plan_memory(arch, {**o, "num_gpus": n}, 80).stages if s.name == name
     )
-    one, eight = train(1), train(8)
+    one, eight = stage(opts, 1, "train"), stage(opts, 8, "train")
     for part in ("weights", "gradients", "optimizer"):  # full: every weight is trained (fp32)
         assert eight.parts[part] == pytest.approx(one.parts[part] / 8)
     assert eight.parts["checkpoints"] == one.parts["checkpoints"]  # activations are per GPU
-    assert (
-        not plan_memory(arch, opts, 79.1).fits() and plan_memory(arch, {**opts, "num_gpus": 8}, 79.1).fits()
-    )
+    assert not plan_memory(arch, opts, 79.1).fits()
+    assert plan_memory(arch, {**opts, "num_gpus": 8}, 79.1).fits()
+    ddp = {**opts, "fsdp": False}  # data parallel: every GPU holds everything
+    assert stage(ddp, 8, "train").parts == stage(ddp, 1, "train").parts
+    # every process loads the whole model in 16 bits, and scores with it, before FSDP2 shards it
+    assert stage(opts, 8, "score").parts["weights"] == weight_bytes(arch, "none")
+    assert stage(opts, 1, "score").parts["weights"] == weight_bytes(arch, "full")
     freeze = {**opts, "mode": "freeze", "freeze_last_n_layers": 4}
-    stage = lambda n, name: next(
-        s for s in plan_memory(arch, {**freeze, "num_gpus": n}, 80).stages if s.name == name
-    )
-    w = lambda n: stage(n, "train").parts["weights"]
-    trained = trainable_params(arch, "freeze", 0, 4) * 4.0
-    assert w(1) - w(4) == pytest.approx(trained * 3 / 4)  # frozen 16-bit layers stay whole on each GPU
-    # every process loads the whole model, and scores with it, before FSDP shards it
-    assert stage(4, "score").parts["weights"] == stage(1, "score").parts["weights"] == w(1)
+    w = lambda n: stage(freeze, n, "train").parts["weights"]
+    assert w(4) == pytest.approx(weight_bytes(arch, "freeze", 4) / 4)  # frozen layers are sharded too
 
 
 def test_a_recipe_on_a_card_too_small_exits_2_with_the_numbers():
