@@ -241,11 +241,19 @@ def run_toy_demo(args: argparse.Namespace | None = None) -> None:
         f"toy demo: a tiny long-thinking model on running sums, evaluated on its {split} split, "
         f"run directory {output_dir}"
     )
-    assets = prepare_toy(output_dir, seed, split=split, log=log_progress)
+    from o1pruner import distributed
+
+    distributed.init()
+    with distributed.main_first() as main:  # under a launcher rank 0 builds the toy, the others find it
+        if main:
+            assets = prepare_toy(output_dir, seed, split=split, log=log_progress)
+    if not main:
+        assets = prepare_toy(output_dir, seed, split=split, log=lambda msg: None)
     cfg = resolve_config(
         base=assets.overrides, config_file=config_file, overrides={**user, "output_dir": output_dir}
     )
     Pipeline(cfg).run(STAGES)
+    distributed.shutdown()
 
 
 def _overrides(args: argparse.Namespace) -> dict:

@@ -118,7 +118,9 @@ def keep_default_group() -> Iterator[None]:
 
 @contextmanager
 def main_first() -> Iterator[bool]:
-    """Run the block on rank 0 alone (yields whether this is rank 0), then every rank meets."""
+    """Every rank meets, rank 0 runs the block alone (yields whether this is rank 0), every rank meets
+    again: the block sees what every rank wrote before, and every rank sees what it wrote."""
+    barrier()
     try:
         yield world().is_main
     finally:

@@ -44,10 +44,18 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "o1pruner", *(args if args and args[0] in COMMANDS else ("run", *args))]
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node")  # + the process count
+
+
+def run_python(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python ARGS`` in the repo with the CLI's environment, output captured."""
     return subprocess.run(
-        cli_command(*args), capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=REPO
+        [sys.executable, *args], capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=REPO
     )
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run_python(*cli_command(*args)[1:], timeout=timeout)
 
 
 def start_cli(*args: str, log: Path) -> subprocess.Popen:

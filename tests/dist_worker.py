@@ -73,5 +73,32 @@ def main(
     distributed.shutdown()
 
 
+def slow_stage(out: str) -> None:
+    """``dist_worker.py stage OUT``: a sharded stage over 5 problems whose rank 1 writes late; rank 0
+    must merge only after it."""
+    import json
+    import time
+    from pathlib import Path
+
+    from o1pruner.io import append_jsonl, read_jsonl
+
+    distributed.init()
+
+    def work(shard, out_path, done_paths) -> None:
+        if distributed.world().rank == 1:
+            time.sleep(2.0)
+        append_jsonl(out_path, [{"problem_id": p["id"], "sample_index": 0} for p in shard])
+
+    path = Path(out) / "responses.jsonl"
+    problems = [{"id": f"p{i}"} for i in range(5)]
+    distributed.sharded_stage(path, problems, lambda f: read_jsonl(f, tolerate_partial_tail=True), work)
+    if distributed.world().rank == 1:  # every rank sees the merged file once the stage returns
+        print(json.dumps([r["problem_id"] for r in read_jsonl(path)]))
+    distributed.shutdown()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "stage":
+        slow_stage(sys.argv[2])
+    else:
+        main(*sys.argv[1:])

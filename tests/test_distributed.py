@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import REPO, cli_env, make_inputs, small_run_args
+from cli_runs import REPO, TORCHRUN, cli_env, make_inputs, run_python, small_run_args
 from helpers import make_scored, make_tiny_model
 
 from o1pruner import distributed
@@ -105,19 +105,15 @@ def test_vllm_layout_tensor_and_data_parallel(monkeypatch):
 # ------------------------------------------------------------------------------------------- torchrun
 def _torchrun(*args: str, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node nproc ARGS`` (``nproc=0``: plain ``python ARGS``)."""
-    launcher = (
-        ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc else []
-    )
-    proc = subprocess.run(
-        [sys.executable, *launcher, *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=timeout,
-    )
+    proc = run_python(*((*TORCHRUN, str(nproc)) if nproc else ()), *args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
+
+
+def test_rank_0_merges_after_the_slowest_rank(tmp_path):
+    proc = _torchrun(str(WORKER), "stage", str(tmp_path))
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [f"p{i}" for i in range(5)]
+    assert distributed.rank_logs(tmp_path / "responses.jsonl") == []
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +207,9 @@ def test_sharded_checkpoint_of_two_processes_resumes_on_one(train_inputs):
 PIPELINE_ARGS = ("--mode", "lora", "--save-every", "1")
 
 
-def _pipeline_cmd(inputs, out: Path) -> list[str]:
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    return [sys.executable, *launcher, "-m", "o1pruner", "run", *small_run_args(inputs, out, *PIPELINE_ARGS)]
+def _pipeline_args(inputs, out: Path) -> list[str]:
+    """``torchrun`` (2 processes) ``-m o1pruner run`` on the small run, as ``python`` arguments."""
+    return [*TORCHRUN, "2", "-m", "o1pruner", "run", *small_run_args(inputs, out, *PIPELINE_ARGS)]
 
 
 def _files(run_dir: Path) -> list[str]:
@@ -244,28 +240,14 @@ def pipeline_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-pipeline")
     inputs = make_inputs(root)
     one = root / "one"
-    proc = subprocess.run(
-        [sys.executable, "-m", "o1pruner", "run", *small_run_args(inputs, one, *PIPELINE_ARGS)],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=600,
-    )
+    proc = run_python("-m", "o1pruner", "run", *small_run_args(inputs, one, *PIPELINE_ARGS))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {**inputs, "one": one}
 
 
 def test_torchrun_pipeline_writes_what_one_process_writes_each_sample_once(pipeline_inputs):
     out = pipeline_inputs["root"] / "two"
-    proc = subprocess.run(
-        _pipeline_cmd(pipeline_inputs, out),
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=600,
-    )
+    proc = run_python(*_pipeline_args(pipeline_inputs, out))
     assert proc.returncode == 0, proc.stderr[-6000:]
     _assert_each_once(out, n_train=3, k=3, n_eval=3)
     assert _kinds(out) == _kinds(pipeline_inputs["one"])
@@ -305,7 +287,11 @@ def test_torchrun_pipeline_killed_with_sigkill_resumes(pipeline_inputs):
         delay = rng.uniform(3.0, latest)
         with open(log, "ab") as f:
             proc = subprocess.Popen(
-                _pipeline_cmd(pipeline_inputs, out), stdout=f, stderr=f, env=cli_env(), cwd=REPO
+                [sys.executable, *_pipeline_args(pipeline_inputs, out)],
+                stdout=f,
+                stderr=f,
+                env=cli_env(),
+                cwd=REPO,
             )
         try:
             proc.wait(timeout=delay)
@@ -320,14 +306,7 @@ def test_torchrun_pipeline_killed_with_sigkill_resumes(pipeline_inputs):
             import shutil
 
             shutil.rmtree(out)
-    final = subprocess.run(
-        _pipeline_cmd(pipeline_inputs, out),
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=600,
-    )
+    final = run_python(*_pipeline_args(pipeline_inputs, out))
     assert final.returncode == 0, f"kill seed {seed}, kills at {kills} s\n" + final.stderr[-4000:]
     assert kills, f"no attempt was killed (seed {seed})"
     _assert_each_once(out, n_train=3, k=3, n_eval=3)
@@ -342,14 +321,7 @@ def test_accelerate_launch_with_an_fsdp_config_shards_training(pipeline_inputs):
     out = pipeline_inputs["root"] / "accelerate"
     args = small_run_args(pipeline_inputs, out, "--mode", "full")
     launch = ["-m", "accelerate.commands.launch", "--num_processes", "2", "--use_fsdp", "--fsdp_version", "2"]
-    proc = subprocess.run(
-        [sys.executable, *launch, "-m", "o1pruner", "run", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=600,
-    )
+    proc = run_python(*launch, "-m", "o1pruner", "run", *args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     _assert_each_once(out, n_train=3, k=3, n_eval=3)
     last = out / "checkpoints" / (out / "checkpoints" / "last").read_text().strip()

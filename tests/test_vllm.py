@@ -9,12 +9,10 @@ vLLM's CPU attention has no kernel for head_dim 16: the tiny model here has head
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import EVAL, REPO, TRAIN, cli_env, run_cli, write_problems
+from cli_runs import EVAL, TORCHRUN, TRAIN, run_cli, run_python, write_problems
 from helpers import make_tiny_model
 
 pytest.importorskip("vllm")
@@ -30,14 +28,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def test_resumed_sampling_redraws_the_lost_batch_and_the_engine_is_released(model_dir, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "vllm_worker.py"), str(model_dir), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=900,
-    )
+    proc = run_python(str(TESTS / "vllm_worker.py"), str(model_dir), str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["same"], "the resumed file differs from the uninterrupted one"
@@ -97,15 +88,7 @@ def test_torchrun_two_data_parallel_engines_run_the_pipeline(model_dir, tmp_path
         *("--micro-batch-tokens", "512", "--kernel-backend", "torch", "--cutoff", "128", "--no-bf16"),
         *("--lora-r", "8", "--learning-rate", "1e-2"),
     ]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.run(
-        [*launcher, "-m", "o1pruner", "run", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=1500,
-    )
+    proc = run_python(*TORCHRUN, "2", "-m", "o1pruner", "run", *args, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-6000:]
     log = proc.stderr + proc.stdout
     assert "external_launcher" in log and "data_parallel_size=2" in log
