@@ -236,7 +236,7 @@ class Trainer:
 
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameter (was it loaded with mode='none'?)")
-        self.world = distributed.world()
+        self.world = distributed.init()  # under torchrun also when used as a library
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         self.parallel = parallel.parallel_mode(config.fsdp)
         self.policy = parallel.PolicyLoss(model, config, autocast_dtype_for(config.bf16, self.device))
