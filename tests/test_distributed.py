@@ -182,6 +182,7 @@ def _assert_same_update(one: dict, many: dict, start: dict) -> None:
         ("full", "fsdp", "sequence_geomean"),
         ("freeze", "fsdp", "sequence"),
         ("lora", "ddp", "token:token_mean"),
+        ("lora", "fsdp", "sequence_geomean"),
         ("freeze-bfloat16", "fsdp", "sequence_geomean"),  # 16-bit load: FSDP2 casts layer by layer
     ],
 )
