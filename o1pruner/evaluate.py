@@ -69,6 +69,7 @@ class EvalConfig:
     gpu_memory_utilization: float | None = shared("gpu_memory_utilization", None)
     quantization: str | None = shared("quantization", None)
     tensor_parallel_size: int = shared("vllm_tensor_parallel_size", 1)
+    bf16: bool = shared("bf16", True)
     # Not an option: a LoRA adapter folder that vLLM serves on top of the model (the tuned evaluation).
     lora_path: str | None = None
 
@@ -93,6 +94,7 @@ class EvalConfig:
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "quantization": self.quantization,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "bf16": self.bf16,
             "lora_path": self.lora_path,
         }
         known = {f.name for f in fields(SamplingConfig)}

@@ -103,6 +103,9 @@ class SamplingConfig:
         range="[1,)",
     )
     seed: int = shared("seed", 0)
+    # hf generation on a GPU runs under the training's bf16 autocast (float32 masters of full/freeze
+    # would otherwise give float32 attention inputs, which flash-attn refuses).
+    bf16: bool = shared("bf16", True)
     system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
     # Not an option: the evaluation stage sets it to the tuned adapter that vLLM serves on the base model.
     lora_path: str | None = None
@@ -255,7 +258,13 @@ def _hf_generate_batch(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        from o1pruner.modeling import autocast_dtype_for
+
+        dtype = autocast_dtype_for(config.bf16, device)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
             )

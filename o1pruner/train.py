@@ -464,6 +464,29 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def release_paged_optimizer_states() -> int:
+    """Move bitsandbytes' paged optimizer states (CUDA managed memory, which bitsandbytes never frees)
+    to host memory and forget them, so a vLLM engine started later in this process finds the GPU free.
+
+    Call after the optimizer is gone. Returns the bytes moved (0 when no paged state exists: no
+    bitsandbytes paged optimizer ran, or on a CPU, where bitsandbytes does not page).
+    """
+    import sys
+
+    if "bitsandbytes" not in sys.modules:
+        return 0
+    from bitsandbytes.functional import GlobalPageManager
+
+    manager = GlobalPageManager.get_instance()
+    moved = sum(t.nbytes for t in manager.paged_tensors)
+    if manager.paged_tensors:
+        manager.prefetch_all(to_cpu=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        manager.paged_tensors.clear()
+    return moved
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators (CUDA's too, when present)."""
     random.seed(seed)

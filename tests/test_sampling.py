@@ -146,6 +146,36 @@ def test_greedy_is_deterministic_and_batch_invariant(loaded):
         assert gens[0].token_ids == out
 
 
+def test_hf_generation_runs_under_the_training_autocast(loaded, monkeypatch):
+    """On a GPU with bf16, hf generation runs under bf16 autocast, as training and scoring do (float32
+    master weights would give flash-attn float32 inputs); ``bf16=False`` runs the weights' own dtype.
+    Simulated on the CPU by letting ``autocast_dtype_for`` choose bf16 there too."""
+    import o1pruner.modeling as modeling
+
+    model, tok = loaded
+    real = modeling.autocast_dtype_for
+    monkeypatch.setattr(modeling, "autocast_dtype_for", lambda bf16, device: torch.bfloat16 if bf16 else None)
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda *_: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+    )
+    prompts = [encode_prompt(tok, p.question) for p in _problems(2)]
+    try:
+        for bf16 in (True, False):
+            seen.clear()
+            generate(
+                model,
+                tok,
+                prompts,
+                n=1,
+                config=SamplingConfig(k=1, temperature=0.0, max_new_tokens=3, bf16=bf16),
+            )
+            assert seen and all(s == ((True, torch.bfloat16) if bf16 else (False, s[1])) for s in seen)
+    finally:
+        handle.remove()
+    assert real(True, torch.device("cpu")) is None  # the real rule: autocast on CUDA only
+
+
 def test_hf_generate_halves_a_batch_that_runs_out_of_memory(loaded, monkeypatch):
     """A batch over the (simulated) memory limit is split until it fits; every prompt still gets its
     responses, greedy ones equal to an unsplit run, sampled ones reproducible and all drawn distinctly."""

@@ -345,3 +345,21 @@ def test_autocast_keeps_no_weight_copies(tiny_path, scored, tmp_path, monkeypatc
     assert _bf16_weight_copies_alive(trainer, model, None, monkeypatch) == 0
     trainer.optimizer.zero_grad(set_to_none=True)
     assert _bf16_weight_copies_alive(trainer, model, True, monkeypatch) > 0
+
+
+def test_paged_optimizer_states_are_moved_off_the_gpu_and_forgotten(monkeypatch):
+    """bitsandbytes never frees its paged (CUDA managed) states; after training they are prefetched to
+    the host and dropped from its page manager, so a later vLLM engine finds the GPU memory. On the CPU
+    bitsandbytes does not page, so the manager is given two stand-in tensors and its prefetch recorded."""
+    import bitsandbytes  # noqa: F401  (the release looks for it among the loaded modules)
+    from bitsandbytes.functional import GlobalPageManager
+
+    from o1pruner.train import release_paged_optimizer_states
+
+    manager = GlobalPageManager.get_instance()
+    calls = []
+    monkeypatch.setattr(manager, "paged_tensors", [torch.zeros(10), torch.zeros(3, 2, dtype=torch.float64)])
+    monkeypatch.setattr(manager, "prefetch_all", lambda to_cpu=False: calls.append(to_cpu))
+    assert release_paged_optimizer_states() == 10 * 4 + 6 * 8
+    assert calls == [True] and manager.paged_tensors == []
+    assert release_paged_optimizer_states() == 0 and calls == [True]

@@ -21,7 +21,7 @@ def run(p: Pipeline) -> None:
     if p.is_complete("train", "model/DONE", needs=("scored.parquet", "score")):
         return
     from o1pruner.modeling import save_model
-    from o1pruner.train import Trainer
+    from o1pruner.train import Trainer, release_paged_optimizer_states
 
     model = p.models.reference()
     if p.path("checkpoints").exists():
@@ -35,6 +35,9 @@ def run(p: Pipeline) -> None:
 
         state = full_state_dict(trainer.policy)  # collective; the whole model on rank 0's CPU
     del trainer  # optimizer state and gradients go before evaluation
+    moved = release_paged_optimizer_states()
+    if moved:
+        p.log(f"train: {moved / 2**30:.2f} GiB of paged optimizer states moved off the GPU")
     free_memory()
     model.eval()
     with distributed.main_first() as main:
