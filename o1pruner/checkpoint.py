@@ -47,8 +47,6 @@ def save_checkpoint(trainer: Trainer) -> Path:
     Every process calls it. Rank 0 writes the trainable weights and optimizer state (the same on every
     DDP process); with FSDP2 every process writes its shards into ``dcp/`` (``torch.distributed.checkpoint``).
     """
-    from safetensors.torch import save_file
-
     main = trainer.world.is_main
     name = f"step-{trainer.global_step}"
     final = trainer.checkpoint_dir / name
@@ -62,10 +60,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
             parallel.save_sharded(trainer.policy, trainer.optimizer, tmp / SHARDED)
             distributed.barrier()
         elif main:
-            save_file(
-                {n: p.detach().contiguous().cpu() for n, p in trainer.named_params},
-                tmp / "trainable.safetensors",
-            )
+            stream_safetensors(trainer.named_params, tmp / "trainable.safetensors")
             torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
         if main:
             _save_loop_state(trainer, tmp)  # trainer_state.json last: marks the folder complete
@@ -82,6 +77,60 @@ def save_checkpoint(trainer: Trainer) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+# safetensors' dtype names (its format's header) for the dtypes a model's parameters take, in the order of
+# its Rust ``Dtype`` enum: ``save_file`` lays tensors out by that order, descending, then by name.
+SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+}
+_DTYPE_RANK = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES)}
+
+
+def stream_safetensors(named_tensors, path: Path) -> None:
+    """Write ``(name, tensor)`` pairs as one safetensors file, copying one tensor at a time to the host.
+
+    ``safetensors.torch.save_file`` takes a dict of host tensors, so a full fine-tune would first copy
+    every trainable weight to host memory (28 GiB for 7B in float32). Here the header is computed from
+    shapes and dtypes alone, then each tensor's bytes are written in turn, in ``save_file``'s layout
+    (by dtype, largest first, then by name), so the file has the same bytes.
+    """
+    import json
+
+    items = sorted(
+        ((n, t.detach()) for n, t in named_tensors), key=lambda nt: (-_DTYPE_RANK.get(nt[1].dtype, -1), nt[0])
+    )
+    header, offset = {}, 0
+    for name, t in items:
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} has no safetensors name")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for _, t in items:
+            host = t.contiguous().cpu().reshape(-1)
+            if host.numel():
+                f.write(memoryview(host.view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _save_loop_state(trainer: Trainer, folder: Path) -> None:

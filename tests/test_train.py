@@ -363,3 +363,45 @@ def test_paged_optimizer_states_are_moved_off_the_gpu_and_forgotten(monkeypatch)
     assert release_paged_optimizer_states() == 10 * 4 + 6 * 8
     assert calls == [True] and manager.paged_tensors == []
     assert release_paged_optimizer_states() == 0 and calls == [True]
+
+
+def test_checkpoint_weights_stream_one_tensor_at_a_time_with_save_file_bytes(tmp_path, monkeypatch):
+    """The trainable weights go to disk one host copy at a time (``save_file`` would need them all on
+    the host first), and the file is byte for byte what ``save_file`` writes: awkward dtypes, a 0-d, an
+    empty and a transposed (strided) tensor included."""
+    import weakref
+
+    from safetensors.torch import load_file, save_file
+
+    from o1pruner.checkpoint import stream_safetensors
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    tensors = {
+        "layers.1.w": torch.randn(5, 3, generator=g).to(torch.bfloat16),
+        "layers.0.w": torch.randn(7, generator=g),
+        "half": torch.randn(2, 3, generator=g).half(),
+        "ids": torch.arange(4),
+        "mask": torch.rand(5, generator=g) > 0.5,
+        "scalar": torch.randn((), generator=g),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.randn(4, 6, generator=g).t(),
+        "f64": torch.randn(3, generator=g, dtype=torch.float64),
+    }
+    copies: list = []
+    alive: list[int] = []
+    real_cpu = torch.Tensor.cpu
+
+    def cpu(self, *a, **kw):  # every host copy is a new tensor here (they start on the CPU)
+        alive.append(sum(r() is not None for r in copies))
+        out = real_cpu(self, *a, **kw).clone()
+        copies.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    stream_safetensors(tensors.items(), tmp_path / "streamed.safetensors")
+    monkeypatch.undo()
+    assert len(copies) == len(tensors) and max(alive) <= 1  # the previous copy at most, never all
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "dict.safetensors")
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "dict.safetensors").read_bytes()
+    back = load_file(tmp_path / "streamed.safetensors")
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
