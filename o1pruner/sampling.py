@@ -64,9 +64,10 @@ class SamplingConfig:
     """How pre-samples (and greedy evaluation answers, with ``temperature=0``, ``k=1``) are drawn.
 
     ``batch_size``: sequences per ``generate`` call for ``hf``; problems per engine call for ``vllm``.
-    ``seed``: batch ``b`` of the hf backend runs under ``torch.manual_seed(seed + b)``; request ``j`` of the
-    vllm backend under ``SamplingParams(seed=seed + j)``. A resumed run with the same config therefore
-    redraws the lost batch exactly (up to kernel nondeterminism on a GPU).
+    ``seed``: batch ``b`` of the hf backend runs under ``torch.manual_seed(seed + b)``; with vllm, problem
+    ``j`` is one request ``SamplingParams(n=k, seed=seed + j*k)``, whose sample ``i`` vLLM draws under
+    ``seed + j*k + i``. A resumed run with the same config therefore redraws the lost samples exactly (up
+    to kernel nondeterminism on a GPU).
     """
 
     k: int = option(
@@ -449,22 +450,27 @@ def _vllm_engine(
 
 
 def _vllm_generate_requests(
-    llm: Any, tokenizer: Any, requests: list[tuple[list[int], int]], config: SamplingConfig
-) -> list[Generation]:
-    """One sequence per (prompt ids, seed) request; returns Generations in request order."""
+    llm: Any, tokenizer: Any, requests: list[tuple[list[int], int, int]], config: SamplingConfig
+) -> list[list[Generation]]:
+    """One engine call for ``(prompt ids, seed, n)`` requests; returns each request's n Generations.
+
+    vLLM runs a request with ``n`` > 1 as n child requests seeded ``seed + i``: one request per problem
+    with n = K draws exactly what K requests seeded ``seed, ..., seed + K - 1`` draw, so a problem
+    resumed with some samples done can ask for just its missing ones under their own seeds.
+    """
     vllm = _import_vllm()
     greedy = config.temperature == 0
     params = [
         vllm.SamplingParams(
-            n=1,
+            n=n,
             temperature=0.0 if greedy else float(config.temperature),
             top_p=1.0 if greedy else float(config.top_p),
             max_tokens=config.max_new_tokens,
             seed=seed,
         )
-        for _, seed in requests
+        for _, seed, n in requests
     ]
-    prompts = [{"prompt_token_ids": list(ids)} for ids, _ in requests]
+    prompts = [{"prompt_token_ids": list(ids)} for ids, _, _ in requests]
     from o1pruner.vllm_engine import lora_request
 
     adapter = lora_request(config)
@@ -472,17 +478,22 @@ def _vllm_generate_requests(
     eos_ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
     with contextlib.suppress(Exception):
         eos_ids += _as_id_list(getattr(llm.llm_engine.model_config.hf_config, "eos_token_id", None))
-    gens = []
-    for out in outputs:
-        completion = out.outputs[0]
-        stops = list(eos_ids)
-        if isinstance(getattr(completion, "stop_reason", None), int):
-            stops.append(completion.stop_reason)  # a stop id from the checkpoint's generation_config
-        ids, reason = cut_at_eos(list(completion.token_ids), stops)
-        if completion.finish_reason == "stop":
-            reason = "stop"
-        gens.append(Generation(token_ids=ids, text=_decode(tokenizer, ids), finish_reason=reason))
-    return gens
+    result = []
+    for out, (_, _, n) in zip(outputs, requests):
+        completions = sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
+        if len(completions) != n:
+            raise RuntimeError(f"vLLM returned {len(completions)} completions for a request of n={n}")
+        gens = []
+        for completion in completions:
+            stops = list(eos_ids)
+            if isinstance(getattr(completion, "stop_reason", None), int):
+                stops.append(completion.stop_reason)  # a stop id from the checkpoint's generation_config
+            ids, reason = cut_at_eos(list(completion.token_ids), stops)
+            if completion.finish_reason == "stop":
+                reason = "stop"
+            gens.append(Generation(token_ids=ids, text=_decode(tokenizer, ids), finish_reason=reason))
+        result.append(gens)
+    return result
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -510,12 +521,9 @@ def generate(
     if not prompts_ids:
         return []
     if config.backend == "vllm":
-        requests = [
-            (p, config.seed + seed_offset + i * n + j) for i, p in enumerate(prompts_ids) for j in range(n)
-        ]
+        requests = [(p, config.seed + seed_offset + i * n, n) for i, p in enumerate(prompts_ids)]
         with _vllm_engine(model_or_path, config, prompts_ids) as engine:
-            flat = _vllm_generate_requests(engine.llm, tokenizer, requests, config)
-        return [flat[i * n : (i + 1) * n] for i in range(len(prompts_ids))]
+            return _vllm_generate_requests(engine.llm, tokenizer, requests, config)
     model = model_or_path
     if _is_path(model_or_path):
         model, tokenizer = _load_hf(model_or_path, tokenizer)
@@ -585,24 +593,26 @@ def sample_problems(
         if config.backend == "vllm":
             # One request per pair with its own seed: resuming a problem with some samples done redraws
             # exactly the missing ones; prefix caching shares the prompt's KV blocks between them.
+            # Problem j draws its samples under seeds seed + j*k + i: one request with n = k when none
+            # is done, else one request per missing sample (the same draws, see _vllm_generate_requests).
             calls = []
             for start in range(0, len(order), config.batch_size):
-                block = [(j, p) for j, p in enumerate(order[start : start + config.batch_size], start)]
-                pairs = [(p, i) for _, p in block for i in range(k) if (p.id, i) not in done]
-                seeds = [config.seed + j * k + i for j, p in block for i in range(k) if (p.id, i) not in done]
+                pairs, requests = [], []
+                for j, p in enumerate(order[start : start + config.batch_size], start):
+                    missing = [i for i in range(k) if (p.id, i) not in done]
+                    pairs += [(p, i) for i in missing]
+                    if len(missing) == k:
+                        requests.append((prompt_ids[p.id], config.seed + j * k, k))
+                    else:
+                        requests += [(prompt_ids[p.id], config.seed + j * k + i, 1) for i in missing]
                 if pairs:
-                    calls.append((pairs, seeds))
+                    calls.append((pairs, requests))
             n_calls = distributed.all_max(len(calls)) if lockstep else len(calls)
             if n_calls:
                 with _vllm_engine(model_or_path, config, list(prompt_ids.values())) as engine:
-                    for pairs, seeds in calls:
-                        gens = _vllm_generate_requests(
-                            engine.llm,
-                            tokenizer,
-                            [(prompt_ids[p.id], s) for (p, _), s in zip(pairs, seeds)],
-                            config,
-                        )
-                        commit(pairs, gens)
+                    for pairs, requests in calls:
+                        gens = _vllm_generate_requests(engine.llm, tokenizer, requests, config)
+                        commit(pairs, [g for per_request in gens for g in per_request])
                     for _ in range(n_calls - len(calls)):  # data-parallel engines step together
                         _vllm_generate_requests(engine.llm, tokenizer, [], config)
         else:

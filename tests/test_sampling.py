@@ -437,16 +437,21 @@ class _FakeLLM:
         outs = []
         for prompt, sp in zip(prompts, params):
             self.requests.append((tuple(prompt["prompt_token_ids"]), sp))
-            rng = random.Random(f"{prompt['prompt_token_ids']}-{sp.seed}")
-            n = rng.randrange(0, sp.max_tokens + 1)
-            ids = [rng.randrange(10, 90) for _ in range(n)]
-            if n == sp.max_tokens:
-                done = NS(token_ids=ids, finish_reason="length", stop_reason=None)
-            elif rng.random() < 0.5:
-                done = NS(token_ids=[*ids, self.EOS], finish_reason="stop", stop_reason=None)
-            else:  # a stop id from the checkpoint's generation_config that the tokenizer does not know
-                done = NS(token_ids=[*ids, self.STOP], finish_reason="stop", stop_reason=self.STOP)
-            outs.append(NS(outputs=[done]))
+            children = []
+            for index in range(sp.n):  # as vLLM v1: child i of a seeded request is seeded seed + i
+                rng = random.Random(f"{prompt['prompt_token_ids']}-{sp.seed + index}")
+                n = rng.randrange(0, sp.max_tokens + 1)
+                ids = [rng.randrange(10, 90) for _ in range(n)]
+                if n == sp.max_tokens:
+                    done = NS(token_ids=ids, finish_reason="length", stop_reason=None, index=index)
+                elif rng.random() < 0.5:
+                    done = NS(token_ids=[*ids, self.EOS], finish_reason="stop", stop_reason=None, index=index)
+                else:  # a stop id from the checkpoint's generation_config that the tokenizer does not know
+                    done = NS(
+                        token_ids=[*ids, self.STOP], finish_reason="stop", stop_reason=self.STOP, index=index
+                    )
+                children.append(done)
+            outs.append(NS(outputs=children[::-1]))  # completion order is not index order
         return outs
 
     def shutdown(self):
@@ -488,11 +493,11 @@ def test_vllm_plumbing_on_a_fake_engine(fake_vllm, model_dir, loaded, tmp_path):
         "enable_prefix_caching": True,
         "max_model_len": max(len(encode_prompt(tok, p.question)) for p in problems) + 5,
     }
-    assert len(llm.requests) == 15
-    seeds = [sp.seed for _, sp in llm.requests]
-    assert len(set(seeds)) == 15  # every (problem, sample) pair has its own seed
+    assert len(llm.requests) == 5  # one request per problem, n = k
+    seeds = {sp.seed + i for _, sp in llm.requests for i in range(sp.n)}
+    assert len(seeds) == 15  # every (problem, sample) pair has its own seed
     for _, sp in llm.requests:
-        assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens) == (1, 0.5, 0.8, 5)
+        assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens) == (3, 0.5, 0.8, 5)
     prompts = {p.id: tuple(encode_prompt(tok, p.question)) for p in problems}
     assert {ids for ids, _ in llm.requests} == set(prompts.values())
     assert len(records) == 15 and len(set(_pairs(records))) == 15
@@ -508,7 +513,10 @@ def test_vllm_plumbing_on_a_fake_engine(fake_vllm, model_dir, loaded, tmp_path):
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:4]))
     resumed = sample_problems(problems, str(model_dir), tok, out, cfg)
-    assert len(_FakeLLM.instances) == 2 and len(_FakeLLM.instances[1].requests) == 11
+    again = _FakeLLM.instances[1].requests
+    assert len(_FakeLLM.instances) == 2 and sum(sp.n for _, sp in again) == 11
+    assert {sp.seed + i for _, sp in again for i in range(sp.n)} < seeds  # their original seeds
+    assert sorted(sp.n for _, sp in again) == [1, 1, 3, 3, 3]  # the half-done problem: one per sample
     key = lambda r: (r["problem_id"], r["sample_index"])
     assert sorted(resumed, key=key) == sorted(records, key=key)
 
@@ -517,9 +525,7 @@ def test_vllm_plumbing_on_a_fake_engine(fake_vllm, model_dir, loaded, tmp_path):
     greedy = SamplingConfig(k=1, backend="vllm", temperature=0.0, max_new_tokens=3)
     res = generate(mine, tok, [[5, 6], [7]], n=2, config=greedy)
     assert [len(r) for r in res] == [2, 2] and not mine.shut
-    assert [(ids, sp.temperature, sp.top_p) for ids, sp in mine.requests] == [
-        ((5, 6), 0.0, 1.0),
-        ((5, 6), 0.0, 1.0),
-        ((7,), 0.0, 1.0),
-        ((7,), 0.0, 1.0),
+    assert [(ids, sp.n, sp.temperature, sp.top_p) for ids, sp in mine.requests] == [
+        ((5, 6), 2, 0.0, 1.0),
+        ((7,), 2, 0.0, 1.0),
     ]
