@@ -25,6 +25,9 @@ from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT
 from o1pruner.records import eval_record
 from o1pruner.sampling import backend_option
 
+# Prompts per vLLM evaluation call at least (MATH500 is one call): the engine batches them itself.
+VLLM_EVAL_CHUNK = 1024
+
 
 @dataclass
 class EvalConfig:
@@ -62,7 +65,12 @@ class EvalConfig:
     )
     backend: str = backend_option("evaluation", "eval", "eval_backend")
     batch_size: int = option(
-        64, "Prompts per evaluation generate call.", stage=None, key="eval_batch_size", range="[1,)"
+        64,
+        f"Prompts per evaluation generate call with hf (its KV-cache memory knob); vllm takes at least "
+        f"{VLLM_EVAL_CHUNK} per call (the engine schedules its own memory; resumable per call).",
+        stage=None,
+        key="eval_batch_size",
+        range="[1,)",
     )
     system_prompt: str | None = shared("system_prompt", DEFAULT_SYSTEM_PROMPT)
     seed: int = shared("seed", 0)
@@ -99,6 +107,12 @@ class EvalConfig:
         }
         known = {f.name for f in fields(SamplingConfig)}
         return SamplingConfig(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def chunk_size(self) -> int:
+        """Prompts per generate call: ``batch_size`` with hf; with vllm at least ``VLLM_EVAL_CHUNK``, so
+        the engine is kept full instead of waiting for the slowest of a small batch."""
+        return self.batch_size if self.backend == "hf" else max(self.batch_size, VLLM_EVAL_CHUNK)
 
     @property
     def responses_per_problem(self) -> int:
@@ -142,7 +156,7 @@ def evaluate_model(
     n = config.responses_per_problem
     done = _read_done(problems, [p for p in (out_path, *done_paths) if p is not None])
     todo = [p for p in problems if any((str(_attr(p, "id")), j) not in done for j in range(n))]
-    calls = math.ceil(len(todo) / config.batch_size)
+    calls = math.ceil(len(todo) / config.chunk_size)
     if distributed.lockstep(config.backend):
         calls = distributed.all_max(calls)
     if calls:
@@ -255,8 +269,8 @@ def _generate_missing(
     n = config.responses_per_problem
     sampling_config = config.sampling_config()
     with tqdm(total=len(todo), desc=desc, unit="problem") as bar:
-        for start in range(0, len(todo), config.batch_size):
-            batch = todo[start : start + config.batch_size]
+        for start in range(0, len(todo), config.chunk_size):
+            batch = todo[start : start + config.chunk_size]
             prompts = [encode_prompt(tokenizer, _attr(p, "question"), config.system_prompt) for p in batch]
             # seed_offset: batches of a sampled evaluation draw with distinct seeds.
             outputs = generate(model, tokenizer, prompts, n=n, config=sampling_config, seed_offset=start * n)
@@ -275,7 +289,7 @@ def _generate_missing(
             if out_path is not None:
                 append_jsonl(out_path, new)
             bar.update(len(batch))
-    idle = calls - math.ceil(len(todo) / config.batch_size)
+    idle = calls - math.ceil(len(todo) / config.chunk_size)
     if idle > 0:
         from o1pruner.sampling import _vllm_generate_requests
 

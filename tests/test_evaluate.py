@@ -231,3 +231,13 @@ def test_report_accuracy_drop_and_no_training(tmp_path):
     _is_png(tmp_path / PLOTS["accuracy"])
     zero = write_report(tmp_path / "z", _result(0.0, [10]), _result(0.0, [5]))
     assert zero["aes"] is None
+
+
+def test_vllm_evaluation_keeps_the_engine_full():
+    """hf generates eval_batch_size prompts per call (its KV-cache memory knob); a vLLM engine gets at
+    least VLLM_EVAL_CHUNK per call, so it is not left waiting on the slowest answer of a small batch."""
+    from o1pruner.evaluate import VLLM_EVAL_CHUNK
+
+    assert EvalConfig(backend="hf", batch_size=16).chunk_size == 16
+    assert EvalConfig(backend="vllm", batch_size=16).chunk_size == VLLM_EVAL_CHUNK >= 500  # MATH500: one call
+    assert EvalConfig(backend="vllm", batch_size=4096).chunk_size == 4096

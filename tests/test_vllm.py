@@ -74,8 +74,8 @@ def test_pipeline_with_both_backends_vllm_serves_the_lora_adapter(model_dir, tmp
 
 def test_torchrun_two_data_parallel_engines_run_the_pipeline(model_dir, tmp_path):
     """``torchrun --nproc-per-node 2``: vLLM joins the launcher's processes (external_launcher) as two
-    data-parallel engines, each on its share of the problems. One prompt per call, so the ranks' shares
-    (2 and 1 problems) take different numbers of calls and the idle calls must keep them in step; the
+    data-parallel engines, each on its share of the problems. One problem per sampling call, so the ranks'
+    shares (2 and 1 problems) take different numbers of calls and the idle calls must keep them in step; the
     engine's shutdown leaves the launcher's process group for scoring and training."""
     out = tmp_path / "run"
     args = [
@@ -83,7 +83,7 @@ def test_torchrun_two_data_parallel_engines_run_the_pipeline(model_dir, tmp_path
         *("--dataset", str(write_problems(tmp_path / "train.jsonl", TRAIN))),
         *("--eval-dataset", str(write_problems(tmp_path / "eval.jsonl", EVAL))),
         *("--sampling-backend", "vllm", "--eval-backend", "vllm", "--k", "3"),
-        *("--sampling-batch-size", "1", "--eval-batch-size", "1"),
+        *("--sampling-batch-size", "1"),
         *("--max-new-tokens", "8", "--eval-max-new-tokens", "8", "--effective-batch-size", "3"),
         *("--micro-batch-tokens", "512", "--kernel-backend", "torch", "--cutoff", "128", "--no-bf16"),
         *("--lora-r", "8", "--learning-rate", "1e-2"),
