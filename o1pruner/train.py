@@ -204,6 +204,21 @@ class TrainingRows:
         )
 
 
+def make_optimizer(params: list[torch.nn.Parameter], c: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (torch) or bitsandbytes' paged 8-bit AdamW over ``params``, with the config's settings."""
+    kw = {
+        "lr": c.learning_rate,
+        "betas": tuple(c.adam_betas),
+        "eps": c.adam_eps,
+        "weight_decay": c.weight_decay,
+    }
+    if c.optimizer == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
 def _read_table(train_set):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -245,7 +260,7 @@ class Trainer:
 
         self.steps_per_epoch = math.ceil(len(self.data) / config.effective_batch_size)
         self.total_steps = self.steps_per_epoch * config.num_epochs
-        self.optimizer = self._make_optimizer()
+        self.optimizer = make_optimizer([p for _, p in self.named_params], config)
         self.scheduler = get_scheduler(
             config.lr_scheduler,
             self.optimizer,
@@ -266,22 +281,6 @@ class Trainer:
     @autocast_dtype.setter
     def autocast_dtype(self, dtype: torch.dtype | None) -> None:
         self.policy.autocast_dtype = dtype
-
-    # ------------------------------------------------------------------------------------------ setup
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
-        params = [p for _, p in self.named_params]
-        kw = {
-            "lr": c.learning_rate,
-            "betas": tuple(c.adam_betas),
-            "eps": c.adam_eps,
-            "weight_decay": c.weight_decay,
-        }
-        if c.optimizer == "paged_adamw_8bit":
-            import bitsandbytes as bnb
-
-            return bnb.optim.PagedAdamW8bit(params, **kw)
-        return torch.optim.AdamW(params, **kw)
 
     # ------------------------------------------------------------------------------------------ data
     def epoch_order(self, epoch: int) -> np.ndarray:
