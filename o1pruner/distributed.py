@@ -155,15 +155,6 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return out
 
 
-def broadcast_from_main(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not torch.distributed.is_initialized():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def lockstep(backend: str) -> bool:
     """Whether generation must advance in step on every rank: vLLM engines of one launch form a
     data-parallel group (``external_launcher``), so every rank starts its engine and makes the same number
@@ -236,12 +227,12 @@ def sharded_stage(
 ) -> None:
     """Run a generation stage whose records go to ``path`` on every rank.
 
-        ``work(shard, out_path, done_paths)`` generates the missing records of ``shard`` into ``out_path``,
-        counting those in ``done_paths`` as done. With one process: ``work(problems, path, [])`` (after folding in
-    the rank logs a killed multi-process run left). With
-        several: rank 0 merges leftover rank logs, every rank works on its shard into its own rank log (``dp``:
-        ``(data-parallel rank, size)`` when ranks of one tensor-parallel group share a shard), and rank 0
-        merges again; every rank returns once ``path`` is complete.
+    ``work(shard, out_path, done_paths)`` generates the missing records of ``shard`` into ``out_path``,
+    counting those in ``done_paths`` as done. With one process: ``work(problems, path, [])``, after folding
+    in the rank logs a killed multi-process run left. With several: rank 0 merges leftover rank logs, every
+    rank works on its shard into its own rank log (``dp``: ``(data-parallel rank, size)`` when ranks of one
+    tensor-parallel group share a shard), and rank 0 merges again; every rank returns once ``path`` is
+    complete.
     """
     w = world()
     ids = [str(p.id if hasattr(p, "id") else p["id"]) for p in problems]

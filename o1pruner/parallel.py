@@ -24,8 +24,6 @@ import torch
 from o1pruner import distributed
 from o1pruner.modeling import _decoder_layers, packed_forward
 
-PARALLEL_MODES = ("ddp", "fsdp")
-
 
 class PolicyLoss(torch.nn.Module):
     """``forward(batch)``: the PPO-clip loss of one packed micro-batch (``packing.PackedBatch``) under the
