@@ -68,24 +68,68 @@ def tile_chunks(
         )
         return
     c = min(chunk, n)
-    x_buf = _empty(c, v, dtype=torch.float32, device=h.device)
-    torch_entropy = want_entropy and backend != "triton"
+    # a 2-byte gradient tile fits in the float32 tile's storage (torch backend: written after the row pass)
+    narrow = h.dtype.itemsize == 2 and backend != "triton"
+    col = vocab_major(backend, h.device, h.dtype)
+    x_buf = _empty(c * v, dtype=torch.float32, device=h.device)
     g_buf = scratch = None
-    if need_grad:
-        same = h.dtype == torch.float32 and not torch_entropy
-        g_buf = x_buf if same else _empty(c, v, dtype=h.dtype, device=h.device)
-    if torch_entropy:
-        reuse = g_buf is not None and g_buf.dtype == torch.float32
-        scratch = g_buf if reuse else _empty(c, v, dtype=torch.float32, device=h.device)
+    if need_grad and h.dtype != torch.float32 and not narrow:
+        g_buf = _empty(c * v, dtype=h.dtype, device=h.device)  # the Triton kernel reads z while writing g
+    if want_entropy and backend != "triton":
+        scratch = _empty(c * v, dtype=torch.float32, device=h.device)
     for s, e in _spans(n, c):
-        x = mm_f32(h[s:e], w, x_buf[: e - s])
-        g = g_buf[: e - s] if g_buf is not None else None
+        x = mm_f32(h[s:e], w, _tile(x_buf, e - s, v, col))
+        g = None
+        if need_grad:
+            g = _tile(g_buf, e - s, v, col) if g_buf is not None else x
         logp_c, ent_c = logit_rows(
             backend, x, labels[s:e], inv_t, ignore_index, g,
             scale[s:e] if scale is not None else None, want_entropy,
-            scratch[: e - s] if scratch is not None else None,
+            _tile(scratch, e - s, v, col) if scratch is not None else None,
         )  # fmt: skip
+        if narrow and g is not None:
+            g = narrow_in_place(x, h.dtype)
         yield s, e, logp_c, ent_c, g
+
+
+def vocab_major(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the C x V tiles are stored vocabulary-major (``tile.t()`` contiguous): for float32 on a CPU
+    with the torch backend, where the logits GEMM then runs as ``W @ h_c^T``, measured 12-15% faster than
+    ``h_c @ W^T`` on a 2-core AVX-512 CPU at V=152k (the row pass, ~25% slower on that layout, is a tenth
+    of the GEMM time). Row-major elsewhere: the Triton row kernel reads rows, and a bf16 gradient GEMM
+    from a vocabulary-major tile measured 1.3-1.4x slower there."""
+    return backend == "torch" and device.type == "cpu" and dtype == torch.float32
+
+
+def _tile(buf: torch.Tensor, rows: int, v: int, col: bool) -> torch.Tensor:
+    """(rows, V) view of the first rows * V elements of the flat buffer ``buf``: row-major, or
+    vocabulary-major when ``col``."""
+    flat = buf[: rows * v]
+    return flat.view(v, rows).t() if col else flat.view(rows, v)
+
+
+def narrow_in_place(x: torch.Tensor, dtype: torch.dtype, block: int = 16) -> torch.Tensor:
+    """``x`` (R, L) float32 rounded to the 2-byte ``dtype`` into the first half of its own storage; returns
+    that view in x's layout (row-major, or column-major: ``x.t()`` contiguous), so the gradient tile needs
+    no buffer of its own.
+
+    Storage row block k >= 1 (rows [k*b, (k+1)*b)) lands on float32 rows [k*b/2, (k+1)*b/2), which earlier
+    blocks have already read, so source and destination never overlap; block 0 goes through a b x L
+    staging copy.
+    """
+    if not x.is_contiguous():
+        if x.t().is_contiguous():
+            return narrow_in_place(x.t(), dtype, block).t()
+        raise ValueError(f"narrow_in_place needs a dense tile, got strides {x.stride()}")
+    r, ln = x.shape
+    out = x.view(-1).view(dtype)[: r * ln].view(r, ln)
+    b = max(1, min(block, r))
+    first = x[:b].to(dtype)
+    for s in range(b, r, b):
+        e = min(s + b, r)
+        out[s:e].copy_(x[s:e])
+    out[:b].copy_(first)
+    return out
 
 
 def _spans(n: int, step: int):

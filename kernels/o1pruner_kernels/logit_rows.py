@@ -155,7 +155,9 @@ def logit_rows(
     want_entropy: bool = False,
     scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row pass over a float32 tile ``x`` (C, V) (row stride free, unit column stride).
+    """Row pass over a float32 tile ``x`` (C, V): the Triton backend needs a unit column stride (any row
+    stride); the torch backend takes any dense layout, vocabulary-major included, and ``grad`` /
+    ``scratch`` in the same layout as ``x``.
 
     Args: labels (C,) int64 contiguous; grad: (C, V) buffer for the gradient tile or None; scale: (C,)
     float32 contiguous per-row factor of the gradient or None; scratch: (C, V) float32 working buffer
