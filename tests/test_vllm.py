@@ -60,6 +60,8 @@ def test_pipeline_with_both_backends_vllm_serves_the_lora_adapter(model_dir, tmp
     assert proc.returncode == 0, proc.stderr[-6000:]
     log = proc.stderr + proc.stdout  # vLLM logs to stdout
     assert "backends: sampling vllm, evaluation vllm" in log
+    for stage in ("sample", "eval base", "eval tuned"):  # each engine lived in a child process
+        assert f"{stage}: the vLLM engine runs in a child process" in log
     assert "'enable_lora': True" in log  # the tuned model was evaluated by an engine serving the adapter
     assert "evaluating it with hf" not in log
     assert (out / "model" / "adapter_config.json").exists() and not (

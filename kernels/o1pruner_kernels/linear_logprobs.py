@@ -4,13 +4,15 @@ For a chunk of C tokens the logits ``z = h_c @ W^T`` (C, V) are formed in float3
 output from bf16/fp16 operands, never rounded to the input dtype), then ONE row pass over the tile
 (``logit_rows``: a Triton kernel or the same math in torch ops) computes ``lse = logsumexp(z / T)``,
 ``logp = z[y] / T - lse`` and optionally the entropy. When the hidden states need a gradient the same pass
-writes ``grad_z = (onehot(y) - softmax(z / T)) / T`` in the input dtype into a buffer of its own, and a
-second GEMM stores ``D_c = grad_z @ W`` = d logp_t / d h_t. The backward for ``hidden`` is then
-``grad_h = g_t * D_t`` with no GEMM, so a frozen head costs 4*N*H*V FLOPs forward+backward (2*N*H*V
-without gradients). A trainable head recomputes z per chunk in the backward and accumulates
-``grad_W += grad_z^T @ h_c`` in float32 (8*N*H*V; the token-level PPO loss does 6*N*H*V, see
-``ppo_token_fused``). Scoring (no gradient) and training run the same arithmetic, so the importance ratio
-is exactly 1 at step 0. Memory: O(N*H) for D plus one or two C x V tiles. See docs/design.md.
+writes ``grad_z = (onehot(y) - softmax(z / T)) / T`` in the input dtype (the torch backend rounds it into
+the float32 tile's own storage, ``narrow_in_place``), and a second GEMM stores ``D_c = grad_z @ W`` =
+d logp_t / d h_t. The backward for ``hidden`` is then ``grad_h = g_t * D_t`` with no GEMM, so a frozen
+head costs 4*N*H*V FLOPs forward+backward (2*N*H*V without gradients). A trainable head recomputes z per
+chunk in the backward and accumulates ``grad_W += grad_z^T @ h_c`` in float32 (8*N*H*V; the token-level
+PPO loss does 6*N*H*V, see ``ppo_token_fused``). Scoring (no gradient) and training run the same
+arithmetic, so the importance ratio is exactly 1 at step 0. Memory: O(N*H) for D plus one float32 C x V
+tile (a second one for the entropy on the torch backend, or for a bf16 gradient tile on the Triton one).
+See docs/design.md.
 """
 
 from __future__ import annotations

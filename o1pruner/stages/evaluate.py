@@ -29,7 +29,7 @@ def evaluate(
     import json
 
     from o1pruner.evaluate import evaluate_model, summarize_responses
-    from o1pruner.stages.sample import generation_shard
+    from o1pruner.stages.sample import generation_shard, run_generation
 
     out = p.path(f"eval/{name}.json")
     if p.is_complete(f"eval {name}", f"eval/{name}.json"):
@@ -48,15 +48,10 @@ def evaluate(
     shard_config, dp = generation_shard(p, config)
 
     def work(shard, out_path, done_paths) -> None:
-        evaluate_model(
-            model,
-            tokenizer,
-            shard,
-            shard_config,
-            out_path=out_path,
-            desc=f"eval {name}",
-            done_paths=done_paths,
-        )
+        run_generation(
+            p, f"eval {name}", shard_config, evaluate_model, model, tokenizer, shard, shard_config,
+            out_path=out_path, desc=f"eval {name}", done_paths=done_paths,
+        )  # fmt: skip
 
     distributed.sharded_stage(
         responses, problems, lambda f: read_jsonl(f, tolerate_partial_tail=True), work, dp=dp

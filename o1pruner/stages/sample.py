@@ -35,6 +35,19 @@ def generation_shard(p: Pipeline, config):
     return dataclasses.replace(config, seed=child_seed(config.seed, dp[0])), dp
 
 
+def run_generation(p: Pipeline, desc: str, config, fn, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)``: the generation work of one process. With vLLM and one process it runs in a
+    child process (:mod:`o1pruner.child`), so the engine's memory is back for certain before training or
+    the next stage; under a launcher it stays in this process, whose process group the engines join."""
+    if config.backend == "vllm" and not distributed.world().distributed:
+        from o1pruner.child import run_in_child
+
+        p.log(f"{desc}: the vLLM engine runs in a child process")
+        run_in_child(desc, fn, *args, **kwargs)
+    else:
+        fn(*args, **kwargs)
+
+
 def run(p: Pipeline) -> None:
     """Draw the missing samples into ``samples.jsonl``; mark the stage done (skipped when done)."""
     done = p.path("samples.done.json")
@@ -55,7 +68,10 @@ def run(p: Pipeline) -> None:
     config, dp = generation_shard(p, p.cfg.sampling_config())
 
     def work(shard, out_path, done_paths) -> None:
-        sample_problems(shard, model, tokenizer, out_path, config, done_paths=done_paths)
+        run_generation(
+            p, "sample", config, sample_problems, shard, model, tokenizer, out_path, config,
+            done_paths=done_paths,
+        )  # fmt: skip
 
     distributed.sharded_stage(samples_path, problems, read_samples, work, dp=dp)
     with distributed.main_first() as main:
