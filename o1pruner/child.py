@@ -30,7 +30,7 @@ def _child_main(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None
     conn.close()
 
 
-def run_in_child(desc: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+def run_in_child(desc: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
     """Run ``fn(*args, **kwargs)`` in a spawned process and wait for it; ``fn`` and the arguments must be
     picklable (a module-level function, dataclasses, paths, a tokenizer).
 

@@ -202,13 +202,15 @@ def merge_rank_logs(
     from o1pruner.io import atomic_write_text
 
     path = Path(path)
+    from o1pruner.records import record_key
+
     logs = rank_logs(path)
     if not logs:
         return 0
     records: dict[tuple[str, int], dict] = {}
     for f in ([path] if path.exists() else []) + logs:
         for rec in read(f):
-            records.setdefault((str(rec.get("problem_id")), int(rec.get("sample_index", 0))), rec)
+            records.setdefault(record_key(rec), rec)
     position = {pid: i for i, pid in enumerate(problem_ids)}
     ordered = sorted(records.items(), key=lambda kv: (position.get(kv[0][0], len(position)), kv[0][1]))
     atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for _, rec in ordered))

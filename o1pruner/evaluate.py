@@ -22,7 +22,7 @@ from o1pruner import distributed
 from o1pruner.io import append_jsonl, read_jsonl
 from o1pruner.options import check_options, option, shared
 from o1pruner.prompts import DEFAULT_SYSTEM_PROMPT
-from o1pruner.records import eval_record
+from o1pruner.records import eval_record, record_key
 from o1pruner.sampling import backend_option
 
 # Prompts per vLLM evaluation call at least (MATH500 is one call): the engine batches them itself.
@@ -181,7 +181,7 @@ def _read_done(problems: Sequence[Any], paths: Sequence[str | os.PathLike]) -> d
     done: dict[tuple[str, int], dict] = {}
     for path in [p for p in paths if os.path.exists(p)]:
         for rec in read_jsonl(path, tolerate_partial_tail=True):
-            done.setdefault((str(rec.get("problem_id")), int(rec.get("sample_index", 0))), rec)
+            done.setdefault(record_key(rec), rec)
     return done
 
 

@@ -16,6 +16,7 @@ from o1pruner.grading import extract_answer, is_correct
 from o1pruner.io import DataError, read_jsonl
 
 FINISH_REASONS = ("stop", "length")
+
 SAMPLE_KEYS = ("problem_id", "sample_index", "text", "token_ids", "num_tokens", "finish_reason", "correct")
 EVAL_KEYS = (
     "problem_id",
@@ -28,6 +29,12 @@ EVAL_KEYS = (
     "finish_reason",
     "text",
 )
+
+
+def record_key(rec: dict[str, Any]) -> tuple[str, int]:
+    """The identity of a sample or response record in a resumable log: ``(str(problem_id),
+    sample_index)``, with sample_index 0 where a record has none."""
+    return str(rec.get("problem_id")), int(rec.get("sample_index", 0))
 
 
 def read_samples(path: str | os.PathLike) -> list[dict]:

@@ -53,9 +53,20 @@ class _Cfg:
 )
 def test_generation_uses_a_child_only_for_vllm_in_one_process(monkeypatch, backend, distributed, in_child):
     calls = []
-    monkeypatch.setattr(child, "run_in_child", lambda desc, fn, *a, **k: calls.append(("child", desc)))
+    monkeypatch.setattr(child, "run_in_child", lambda *a, **k: calls.append(("child", a[0])))
     monkeypatch.setattr(sample.distributed, "world", lambda: type("W", (), {"distributed": distributed})())
     p = type("P", (), {"log": staticmethod(lambda msg: calls.append(("log", msg)))})()
-    sample.run_generation(p, "sample", _Cfg(backend), lambda *a, **k: calls.append(("here", a, k)), 1, x=2)
+    sample.run_generation(p, "sample", _Cfg(backend), lambda *a, **k: calls.append(("here", a, k)), 1, desc=2)
     logged = ("log", "sample: the vLLM engine runs in a child process")
-    assert calls == ([logged, ("child", "sample")] if in_child else [("here", (1,), {"x": 2})])
+    assert calls == ([logged, ("child", "sample")] if in_child else [("here", (1,), {"desc": 2})])
+
+
+def test_the_function_may_take_a_desc_keyword(tmp_path):
+    """evaluate_model takes ``desc=``: it must reach the function, not the runner."""
+    out = tmp_path / "out.txt"
+    child.run_in_child("eval base", _write_desc, str(out), desc="eval base")
+    assert out.read_text(encoding="utf-8") == "eval base"
+
+
+def _write_desc(path: str, *, desc: str) -> None:
+    Path(path).write_text(desc, encoding="utf-8")

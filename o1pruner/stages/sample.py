@@ -35,7 +35,7 @@ def generation_shard(p: Pipeline, config):
     return dataclasses.replace(config, seed=child_seed(config.seed, dp[0])), dp
 
 
-def run_generation(p: Pipeline, desc: str, config, fn, *args, **kwargs) -> None:
+def run_generation(p: Pipeline, desc: str, config, fn, /, *args, **kwargs) -> None:
     """``fn(*args, **kwargs)``: the generation work of one process. With vLLM and one process it runs in a
     child process (:mod:`o1pruner.child`), so the engine's memory is back for certain before training or
     the next stage; under a launcher it stays in this process, whose process group the engines join."""
