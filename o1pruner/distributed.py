@@ -200,10 +200,9 @@ def merge_rank_logs(
     import json
 
     from o1pruner.io import atomic_write_text
-
-    path = Path(path)
     from o1pruner.records import record_key
 
+    path = Path(path)
     logs = rank_logs(path)
     if not logs:
         return 0

@@ -16,7 +16,6 @@ from o1pruner.grading import extract_answer, is_correct
 from o1pruner.io import DataError, read_jsonl
 
 FINISH_REASONS = ("stop", "length")
-
 SAMPLE_KEYS = ("problem_id", "sample_index", "text", "token_ids", "num_tokens", "finish_reason", "correct")
 EVAL_KEYS = (
     "problem_id",

@@ -52,11 +52,12 @@ def has_bf16_fpmath() -> bool:
 
 
 @contextlib.contextmanager
-def _exact_bf16_math(dtype: torch.dtype, device: torch.device):
-    """oneDNN's bf16 math mode around GEMMs of float32 copies of bf16 operands (exact, see the module
-    docstring); a no-op for other dtypes, devices or machines. The setting is process-wide, so it is
-    restored right after the GEMMs it is for."""
-    if dtype != torch.bfloat16 or device.type != "cpu" or not has_bf16_fpmath():
+def _exact_bf16_math(a: torch.Tensor, b: torch.Tensor):
+    """oneDNN's bf16 math mode around GEMMs of float32 copies of the bf16 operands ``a`` and ``b`` (exact,
+    see the module docstring); a no-op unless both are bf16 CPU tensors on a machine that has the mode.
+    The setting is process-wide, so it is restored right after the GEMMs it is for."""
+    both_bf16 = a.dtype == b.dtype == torch.bfloat16
+    if not both_bf16 or a.device.type != "cpu" or not has_bf16_fpmath():
         yield
         return
     matmul = torch.backends.mkldnn.matmul
@@ -79,7 +80,7 @@ def mm_f32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> torch.Tenso
         return torch.mm(a, b_t.t(), out_dtype=torch.float32, out=out)
     af = a.float()
     block = torch.empty(min(UPCAST_BLOCK, b_t.shape[0]), b_t.shape[1], device=a.device)
-    with _exact_bf16_math(a.dtype if a.dtype == b_t.dtype else torch.float32, a.device):
+    with _exact_bf16_math(a, b_t):
         for j in range(0, b_t.shape[0], UPCAST_BLOCK):
             k = min(j + UPCAST_BLOCK, b_t.shape[0])
             bj = block[: k - j].copy_(b_t[j:k])
@@ -94,7 +95,7 @@ def addmm_f32(acc: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor) -> torch.Te
     if has_out_dtype(a_t.device.type):
         return torch.addmm(acc, a_t.t(), b, out_dtype=torch.float32, out=acc)
     bf = b.float()
-    with _exact_bf16_math(a_t.dtype if a_t.dtype == b.dtype else torch.float32, a_t.device):
+    with _exact_bf16_math(a_t, b):
         for j in range(0, a_t.shape[1], UPCAST_BLOCK):
             k = min(j + UPCAST_BLOCK, a_t.shape[1])
             torch.addmm(acc[j:k], a_t[:, j:k].float().t(), bf, out=acc[j:k])

@@ -47,10 +47,12 @@ def evaluate(
     tokenizer = p.models.tokenizer()
     shard_config, dp = generation_shard(p, config)
 
+    desc = f"eval {name}"
+
     def work(shard, out_path, done_paths) -> None:
         run_generation(
-            p, f"eval {name}", shard_config, evaluate_model, model, tokenizer, shard, shard_config,
-            out_path=out_path, desc=f"eval {name}", done_paths=done_paths,
+            p, desc, shard_config, evaluate_model, model, tokenizer, shard, shard_config,
+            out_path=out_path, desc=desc, done_paths=done_paths,
         )  # fmt: skip
 
     distributed.sharded_stage(
